@@ -1,0 +1,48 @@
+# LMForge developer entry points. `make demo` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CLUSTER_DIR := .lmforge/cluster
+export LMFORGE_CACHE ?= $(HOME)/.cache/lmforge
+
+.PHONY: install test test-unit test-cluster demo crds cluster-up cluster-down lint bench images clean
+
+install: $(STAMP)
+
+# One virtual environment with everything the tests and the demo need, pinned by
+# requirements.lock so that installs are reproducible.
+$(STAMP): pyproject.toml setup.py requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=25" 
+	$(PY) -m pip install -q -c requirements.lock -e ".[train,serve,dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -m "not gpu" tests
+
+test-unit: install
+	$(PY) -m pytest -m "not gpu and not cluster and not slow" tests
+
+demo: install
+	$(PY) -m lmforge.cli demo
+
+crds: install
+	$(PY) -m lmforge.api.crds --out crds
+
+cluster-up: install
+	$(PY) hack/cluster.py up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) hack/cluster.py down --dir $(CLUSTER_DIR)
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) -m pytest benchmarks
+
+clean:
+	rm -rf $(VENV) .lmforge lmforge-runs

@@ -1,0 +1,533 @@
+"""The three LMForge kinds: FinetuneJob, AlignmentJob and InferenceService."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from lmforge.api.base import API_VERSION, ApiModel, Rule, field_, object_field
+from lmforge.api.common import (
+    DNS_LABEL,
+    CheckpointSpec,
+    ConditionList,
+    DatasetSpec,
+    DistributedSpec,
+    EvaluationSpec,
+    ModelSource,
+    ModelSpec,
+    OutputSpec,
+    ResourcesSpec,
+    RunPolicy,
+    SchedulingSpec,
+    TrainingSpec,
+    TuningMethod,
+)
+
+# ---------------------------------------------------------------- shared job parts
+
+
+def _global_batch_divisible(spec: Any) -> bool:
+    batch = spec.training.batch_size
+    if batch.global_ is None:
+        return True
+    return bool(batch.global_ % (batch.per_device * spec.distributed.processes) == 0)
+
+
+_PROCESSES_CEL = (
+    "self.distributed.nodes * (has(self.distributed.processesPerNode) ? "
+    "self.distributed.processesPerNode : (self.distributed.gpusPerNode > 0 ? "
+    "self.distributed.gpusPerNode : 1))"
+)
+
+GLOBAL_BATCH_DIVISIBLE = Rule(
+    cel="has(self.training.batchSize.global) ? self.training.batchSize.global % "
+    f"(self.training.batchSize.perDevice * {_PROCESSES_CEL}) == 0 : true",
+    message="training.batchSize.global must be a multiple of batchSize.perDevice times the "
+    "number of processes (distributed.nodes x processes per node)",
+    field="training.batchSize.global",
+    check=_global_batch_divisible,
+)
+
+
+def immutable(*fields: str) -> tuple[Rule, ...]:
+    """Transition rules that reject changes to these spec fields once the object exists."""
+    return tuple(
+        Rule(
+            cel=f"self.{name} == oldSelf.{name}",
+            message=f"{name} is immutable; create a new job instead",
+            field=name,
+        )
+        for name in fields
+    )
+
+
+class TrainingJobSpec(ApiModel):
+    """What FinetuneJob and AlignmentJob share: data, loop, scale, pods, policy, output."""
+
+    model: ModelSpec = field_("Base model to train.")
+    dataset: DatasetSpec = field_("Training data.")
+    training: TrainingSpec = object_field(TrainingSpec, "Optimisation loop.")
+    evaluation: EvaluationSpec = object_field(EvaluationSpec, "Task metric on the eval split.")
+    distributed: DistributedSpec = object_field(DistributedSpec, "Nodes, processes, strategy.")
+    resources: ResourcesSpec = object_field(ResourcesSpec, "Per-pod resources besides GPUs.")
+    scheduling: SchedulingSpec = object_field(SchedulingSpec, "Placement and queueing.")
+    run_policy: RunPolicy = object_field(RunPolicy, "Retries, deadlines, suspension.")
+    checkpoint: CheckpointSpec = object_field(CheckpointSpec, "Checkpoints and resume.")
+    output: OutputSpec = object_field(OutputSpec, "Where results are written.")
+    image: str | None = field_("Trainer image override.", None, max_length=1024)
+
+
+class Progress(ApiModel):
+    """Training progress, reported by the trainer and copied into status."""
+
+    step: int = field_("Optimizer steps done.", 0, ge=0)
+    total_steps: int | None = field_("Optimizer steps planned.", None, ge=0)
+    epoch: float | None = field_("Epochs done (fractional).", None, ge=0)
+    percent: int | None = field_("step / totalSteps in percent.", None, ge=0, le=100)
+    eta_seconds: int | None = field_("Estimated seconds to completion.", None, ge=0)
+    tokens_per_second: float | None = field_("Training throughput over all processes.", None)
+    loss: float | None = field_("Latest training loss.", None)
+    eval_loss: float | None = field_("Latest evaluation loss.", None)
+    learning_rate: float | None = field_("Current learning rate.", None)
+    updated_at: str | None = field_(
+        "When the trainer reported this.", None, json_schema_extra={"format": "date-time"}
+    )
+
+
+class CheckpointStatus(ApiModel):
+    """The latest complete checkpoint."""
+
+    step: int = field_("Optimizer step of the checkpoint.", ge=0)
+    uri: str = field_("Where it is stored.")
+    time: str | None = field_(
+        "When it was completed.", None, json_schema_extra={"format": "date-time"}
+    )
+
+
+class OutputStatus(ApiModel):
+    """The job's final artifact."""
+
+    uri: str = field_("Location of the final model or adapter, e.g. pvc://claim/path/final.")
+    kind: Literal["adapter", "merged", "full"] = field_(
+        "adapter (PEFT directory), merged (adapter merged into base weights) or full."
+    )
+    merged_uri: str | None = field_("Merged model, when mergeOnExport is set.", None)
+
+
+JobPhase = Literal["Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class TrainingJobStatus(ApiModel):
+    """Observed state of a FinetuneJob or AlignmentJob."""
+
+    phase: JobPhase | None = field_(
+        "Pending, Initializing, Running, Succeeded, Failed or Suspended.", None
+    )
+    conditions: ConditionList = field_(
+        "kstatus-compatible conditions (Ready, Succeeded, Failed, Suspended, ...).",
+        default_factory=list,
+    )
+    observed_generation: int | None = field_(
+        "metadata.generation the status was computed for.", None, ge=0
+    )
+    start_time: str | None = field_(
+        "When training pods first ran.", None, json_schema_extra={"format": "date-time"}
+    )
+    completion_time: str | None = field_(
+        "When the job finished.", None, json_schema_extra={"format": "date-time"}
+    )
+    progress: Progress | None = field_("Latest progress report.", None)
+    restarts: int = field_("Restarts after retryable failures.", 0, ge=0)
+    last_checkpoint: CheckpointStatus | None = field_("Latest complete checkpoint.", None)
+    output: OutputStatus | None = field_("Final artifact, once the job succeeded.", None)
+    metrics: dict[str, float] = field_(
+        "Final metrics (train/eval loss, perplexity, accuracy, tokens/s, ...).",
+        default_factory=dict,
+    )
+
+
+class KubernetesObject(ApiModel):
+    """apiVersion/kind/metadata of a custom resource."""
+
+    kind_name: ClassVar[str] = ""
+    plural: ClassVar[str] = ""
+    short_names: ClassVar[tuple[str, ...]] = ()
+    printer_columns: ClassVar[tuple[dict[str, Any], ...]] = ()
+
+    api_version: Literal["lmforge.io/v1alpha1"] = field_(
+        "lmforge.io/v1alpha1.", API_VERSION
+    )
+    kind: str = field_("The kind.")
+    metadata: dict[str, Any] = field_(
+        "Standard object metadata.", default_factory=dict
+    )
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+
+# Indexed Job pods are named <name>-<index>-<suffix> and get <name>-<index> as hostname,
+# which must stay a DNS label (63 characters).
+NAME_FITS_POD_HOSTNAMES = Rule(
+    cel="size(self.metadata.name) <= 52",
+    message="metadata.name must be at most 52 characters (pod hostnames append an index)",
+    field="metadata.name",
+    check=lambda obj: len(obj.name) <= 52,
+)
+
+
+# ---------------------------------------------------------------- FinetuneJob
+
+
+class FinetuneJobSpec(TrainingJobSpec):
+    """Continued pretraining or instruction tuning of a base model."""
+
+    rules = (
+        GLOBAL_BATCH_DIVISIBLE,
+        Rule(
+            cel="self.task == 'continued-pretraining' ? self.dataset.sources.all(s, "
+            "s.format in ['auto', 'text', 'text_only']) : true",
+            message="continued-pretraining reads raw text: dataset formats must be auto, text "
+            "or text_only",
+            field="dataset.sources",
+            check=lambda s: s.task != "continued-pretraining"
+            or all(src.format in ("auto", "text", "text_only") for src in s.dataset.sources),
+        ),
+        *immutable("model", "task", "dataset", "method", "training", "distributed"),
+    )
+
+    task: Literal["continued-pretraining", "sft"] = field_(
+        "continued-pretraining (raw text, loss on every token) or sft (instruction tuning).",
+        "sft",
+    )
+    method: TuningMethod = object_field(TuningMethod, "Which parameters are trained.")
+
+
+class FinetuneJob(KubernetesObject):
+    """Fine-tune an open LLM: continued pretraining or SFT, full or PEFT."""
+
+    kind_name = "FinetuneJob"
+    plural = "finetunejobs"
+    short_names = ("ftj", "ftjob")
+    rules = (NAME_FITS_POD_HOSTNAMES,)
+    printer_columns = (
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+         "description": "Percent of optimizer steps done"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
+        {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    kind: Literal["FinetuneJob"] = field_("FinetuneJob.", "FinetuneJob")
+    spec: FinetuneJobSpec = field_("Desired fine-tuning run.")
+    status: TrainingJobStatus | None = field_("Observed state, written by the operator.", None)
+
+
+# ---------------------------------------------------------------- AlignmentJob
+
+AlignmentMethodType = Literal[
+    "reward-model", "dpo", "ipo", "orpo", "simpo", "kto", "raft", "ppo", "grpo"
+]
+PREFERENCE_METHODS = ("reward-model", "dpo", "ipo", "orpo", "simpo")
+ONLINE_METHODS = ("raft", "ppo", "grpo")
+
+
+class RaftSpec(ApiModel):
+    """RAFT: reward-ranked fine-tuning on the best of sampled responses."""
+
+    iterations: int = field_("Generate-rank-finetune rounds.", 3, ge=1, le=1000)
+    samples_per_prompt: int = field_("Responses sampled per prompt.", 4, ge=1, le=256)
+    top_fraction: float = field_("Fraction of responses kept for fine-tuning.", 0.25, gt=0, le=1)
+
+
+class AlignmentMethod(ApiModel):
+    """The alignment objective and its parameters."""
+
+    rules = (
+        Rule(
+            cel=f"self.type in {list(ONLINE_METHODS)} ? has(self.rewardModel) : true",
+            message="raft, ppo and grpo need rewardModel",
+            field="rewardModel",
+            check=lambda m: m.type not in ONLINE_METHODS or m.reward_model is not None,
+        ),
+        Rule(
+            cel="!(self.peft.type in ['prefix-tuning', 'prompt-tuning', 'lisa'])",
+            message="alignment supports peft.type full, lora, qlora, dora, ia3 or adalora",
+            field="peft.type",
+            check=lambda m: m.peft.type not in ("prefix-tuning", "prompt-tuning", "lisa"),
+        ),
+    )
+
+    type: AlignmentMethodType = field_(
+        "reward-model (train a scalar reward head), dpo, ipo, orpo, simpo, kto (offline "
+        "preference), raft, ppo, grpo (online, with generation)."
+    )
+    beta: float = field_(
+        "Strength of the KL/preference regularisation (DPO family, KTO, PPO, GRPO).",
+        0.1,
+        gt=0,
+        le=100,
+    )
+    simpo_gamma: float = field_("SimPO target reward margin.", 0.5, ge=0, le=100)
+    kto_desirable_weight: float = field_("KTO weight of desirable examples.", 1.0, gt=0)
+    kto_undesirable_weight: float = field_("KTO weight of undesirable examples.", 1.0, gt=0)
+    reference_model: ModelSource | None = field_(
+        "Frozen reference policy (default: the base model; not used by orpo and simpo).", None
+    )
+    reward_model: ModelSource | None = field_(
+        "Reward model scoring generations (raft, ppo, grpo), usually fromJob a reward-model job.",
+        None,
+    )
+    raft: RaftSpec = object_field(RaftSpec, "RAFT rounds.")
+    num_generations: int = field_(
+        "GRPO group size: completions sampled per prompt.", 8, ge=2, le=256
+    )
+    peft: TuningMethod = object_field(
+        TuningMethod, "Which parameters are trained (default lora)."
+    )
+
+
+class GenerationSpec(ApiModel):
+    """Rollout generation for online methods (raft, ppo, grpo)."""
+
+    backend: Literal["transformers", "vllm"] = field_(
+        "Generation engine of the rollout workers.", "transformers"
+    )
+    max_new_tokens: int = field_("Tokens generated per response.", 256, ge=1, le=32768)
+    temperature: float = field_("Sampling temperature.", 1.0, ge=0, le=2)
+    top_p: float = field_("Nucleus sampling mass.", 1.0, gt=0, le=1)
+    workers: int = field_("Rollout workers (Ray actors).", 1, ge=1, le=64)
+
+
+_PREFERENCE_FORMATS = "['auto', 'preference', 'paired_conversation']"
+
+
+class AlignmentJobSpec(TrainingJobSpec):
+    """Align a model with preferences or rewards."""
+
+    rules = (
+        GLOBAL_BATCH_DIVISIBLE,
+        Rule(
+            cel=f"self.method.type in {list(PREFERENCE_METHODS)} ? self.dataset.sources.all(s, "
+            f"s.format in {_PREFERENCE_FORMATS}) : true",
+            message="reward-model and the DPO family need preference data: formats auto, "
+            "preference or paired_conversation",
+            field="dataset.sources",
+            check=lambda s: s.method.type not in PREFERENCE_METHODS
+            or all(x.format in ("auto", "preference", "paired_conversation")
+                   for x in s.dataset.sources),
+        ),
+        Rule(
+            cel="self.method.type == 'kto' ? self.dataset.sources.all(s, "
+            "s.format in ['auto', 'kto']) : true",
+            message="kto needs unpaired labelled data: formats auto or kto",
+            field="dataset.sources",
+            check=lambda s: s.method.type != "kto"
+            or all(x.format in ("auto", "kto") for x in s.dataset.sources),
+        ),
+        Rule(
+            cel=f"self.method.type in {list(ONLINE_METHODS)} ? self.dataset.sources.all(s, "
+            "s.format in ['auto', 'prompt', 'openai', 'conversation', 'alpaca', 'sharegpt']) : true",
+            message="raft, ppo and grpo sample from prompts: formats auto, prompt, openai, "
+            "conversation, alpaca or sharegpt",
+            field="dataset.sources",
+            check=lambda s: s.method.type not in ONLINE_METHODS
+            or all(x.format in ("auto", "prompt", "openai", "conversation", "alpaca", "sharegpt")
+                   for x in s.dataset.sources),
+        ),
+        *immutable("model", "dataset", "method", "training", "distributed"),
+    )
+
+    method: AlignmentMethod = field_("Alignment objective.")
+    generation: GenerationSpec = object_field(GenerationSpec, "Rollouts for online methods.")
+
+
+class AlignmentJob(KubernetesObject):
+    """Align an LLM: reward models, the DPO family, KTO, RAFT, PPO and GRPO."""
+
+    kind_name = "AlignmentJob"
+    plural = "alignmentjobs"
+    short_names = ("alj", "aljob")
+    rules = (NAME_FITS_POD_HOSTNAMES,)
+    printer_columns = (
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+         "description": "Percent of optimizer steps done"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    kind: Literal["AlignmentJob"] = field_("AlignmentJob.", "AlignmentJob")
+    spec: AlignmentJobSpec = field_("Desired alignment run.")
+    status: TrainingJobStatus | None = field_("Observed state, written by the operator.", None)
+
+
+# ---------------------------------------------------------------- InferenceService
+
+
+class AdapterSpec(ModelSource):
+    """A LoRA adapter served next to the base model under its own model name."""
+
+    name: str = field_(
+        "Model name clients request through the OpenAI API.",
+        min_length=1,
+        max_length=63,
+        pattern=DNS_LABEL,
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    """Horizontal autoscaling of replicas."""
+
+    rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="autoscaling.minReplicas must not exceed maxReplicas",
+            field="minReplicas",
+            check=lambda m: m.min_replicas <= m.max_replicas,
+        ),
+    )
+
+    min_replicas: int = field_("Fewest replicas (0 scales to zero).", 1, ge=0, le=1000)
+    max_replicas: int = field_("Most replicas.", ge=1, le=1000)
+    metric: Literal["concurrency", "requests-per-second", "gpu-utilization", "queue-length"] = (
+        field_("Metric the autoscaler targets.", "concurrency")
+    )
+    target: float = field_("Target value of the metric per replica.", gt=0)
+
+
+class SpeculativeSpec(ApiModel):
+    """Speculative decoding with a small draft model."""
+
+    draft_model: ModelSource = field_("Draft model proposing tokens.")
+    num_tokens: int = field_("Tokens proposed per step.", 4, ge=1, le=16)
+
+
+class ServingSpec(ApiModel):
+    """Engine settings."""
+
+    max_model_len: int | None = field_("Maximum context length served.", None, ge=16, le=1048576)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field_("Weights dtype.", "auto")
+    quantization: Literal["none", "awq", "gptq", "bnb-4bit", "bnb-8bit", "fp8"] = field_(
+        "Weight quantization at serving time.", "none"
+    )
+    tensor_parallel: int = field_("GPUs one replica shards the model over.", 1, ge=1, le=16)
+    max_lora_rank: int = field_("Largest adapter rank the engine accepts.", 64, ge=1, le=1024)
+    speculative: SpeculativeSpec | None = field_("Speculative decoding.", None)
+
+
+class InferenceServiceSpec(ApiModel):
+    """An OpenAI-compatible endpoint serving a model and its adapters."""
+
+    rules = (
+        Rule(
+            cel="self.serving.tensorParallel <= (self.gpusPerReplica > 0 ? self.gpusPerReplica : 1)",
+            message="serving.tensorParallel must not exceed gpusPerReplica",
+            field="serving.tensorParallel",
+            check=lambda s: s.serving.tensor_parallel <= max(s.gpus_per_replica, 1),
+        ),
+        Rule(
+            cel="self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            message="adapter names must be unique",
+            field="adapters",
+            check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+        ),
+        Rule(
+            cel="!(has(self.replicas) && has(self.autoscaling))",
+            message="set replicas or autoscaling, not both",
+            field="autoscaling",
+            check=lambda s: s.replicas is None or s.autoscaling is None,
+        ),
+    )
+
+    model: ModelSpec = field_("Base model to serve.")
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="LoRA adapters hot-loaded on every replica; each is served as its own "
+        "model name.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    runtime: Literal["auto", "vllm", "transformers"] = field_(
+        "Serving engine; auto picks vllm on GPUs and transformers on CPU.", "auto"
+    )
+    replicas: int | None = field_("Fixed replica count (default 1).", None, ge=0, le=1000)
+    autoscaling: AutoscalingSpec | None = field_("Scale replicas on load.", None)
+    gpus_per_replica: int = field_("GPUs per replica (0 serves on CPU).", 1, ge=0, le=16)
+    serving: ServingSpec = object_field(ServingSpec, "Engine settings.")
+    resources: ResourcesSpec = object_field(ResourcesSpec, "Per-pod resources besides GPUs.")
+    scheduling: SchedulingSpec = object_field(SchedulingSpec, "Placement.")
+    image: str | None = field_("Serving image override.", None, max_length=1024)
+
+
+class AdapterStatus(ApiModel):
+    """Load state of one adapter."""
+
+    name: str = field_("Adapter name.")
+    state: Literal["Pending", "Loading", "Loaded", "Failed"] = field_("Load state.")
+    uri: str | None = field_("Resolved location.", None)
+    loaded_replicas: int = field_("Replicas that have it loaded.", 0, ge=0)
+    message: str = field_("Detail, e.g. why loading failed.", "")
+
+
+class InferenceServiceStatus(ApiModel):
+    """Observed state of an InferenceService."""
+
+    phase: Literal["Pending", "Loading", "Ready", "Degraded", "Failed"] | None = field_(
+        "Pending, Loading, Ready, Degraded or Failed.", None
+    )
+    url: str | None = field_("Base URL of the OpenAI-compatible API.", None)
+    conditions: ConditionList = field_(
+        "Ready, ModelLoaded, AdaptersLoaded.", default_factory=list
+    )
+    observed_generation: int | None = field_(
+        "metadata.generation the status was computed for.", None, ge=0
+    )
+    model_uri: str | None = field_("Resolved base model location.", None)
+    replicas: int = field_("Replicas that exist.", 0, ge=0)
+    ready_replicas: int = field_("Replicas serving requests.", 0, ge=0)
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list,
+        description="Per-adapter load state.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+class InferenceService(KubernetesObject):
+    """Serve a model and its LoRA adapters behind an OpenAI-compatible API."""
+
+    kind_name = "InferenceService"
+    plural = "inferenceservices"
+    short_names = ("lmis",)
+    rules = (NAME_FITS_POD_HOSTNAMES,)
+    printer_columns = (
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    kind: Literal["InferenceService"] = field_("InferenceService.", "InferenceService")
+    spec: InferenceServiceSpec = field_("Desired service.")
+    status: InferenceServiceStatus | None = field_(
+        "Observed state, written by the operator.", None
+    )
+
+
+KINDS: dict[str, type[KubernetesObject]] = {
+    cls.kind_name: cls for cls in (FinetuneJob, AlignmentJob, InferenceService)
+}
+
+__all__ = [
+    "KINDS",
+    "AlignmentJob",
+    "FinetuneJob",
+    "InferenceService",
+    "KubernetesObject",
+]
