@@ -14,7 +14,7 @@ install: $(STAMP)
 # requirements.lock so that installs are reproducible.
 $(STAMP): pyproject.toml setup.py requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=25" 
+	$(PY) -m pip install -q --upgrade "pip>=25"
 	$(PY) -m pip install -q -c requirements.lock -e ".[train,serve,dev]"
 	touch $@
 
@@ -28,10 +28,10 @@ demo: install
 	$(PY) -m lmforge.cli demo
 
 crds: install
-	$(PY) -m lmforge.api.crds --out crds
+	$(PY) -m lmforge.api.crds --out crds --out charts/lmforge/crds
 
 cluster-up: install
-	$(PY) hack/cluster.py up --dir $(CLUSTER_DIR)
+	$(PY) hack/cluster.py up --dir $(CLUSTER_DIR) --crds crds
 
 cluster-down:
 	$(PY) hack/cluster.py down --dir $(CLUSTER_DIR)

@@ -13,6 +13,7 @@ modules, cached outside the repo). Standard library only, so it runs anywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -91,12 +92,12 @@ class Cluster:
     # ------------------------------------------------------------ lifecycle
 
     def up(self) -> None:
+        self.bin = build_binaries()
         if self.is_running():
             print(f"cluster already running: KUBECONFIG={self.kubeconfig}")
             return
         self.down(quiet=True)
         start = time.monotonic()
-        self.bin = build_binaries()
         for d in (self.root, self.logs, self.pids):
             d.mkdir(parents=True, exist_ok=True)
         self._make_pki()
@@ -124,7 +125,8 @@ class Cluster:
         if not self.kubeconfig.exists():
             return False
         alive = all(
-            (self.pids / f"{c}.pid").exists() and pid_alive(int((self.pids / f"{c}.pid").read_text()))
+            (self.pids / f"{c}.pid").exists()
+            and pid_alive(int((self.pids / f"{c}.pid").read_text()))
             for c in COMPONENTS
         )
         return alive and self._api_ready(json.loads((self.root / "ports.json").read_text())["api"])
@@ -144,81 +146,113 @@ class Cluster:
 
     def _start_etcd(self, ports: dict[str, int]) -> None:
         client = f"http://127.0.0.1:{ports['etcd']}"
-        self._spawn("etcd", [
-            f"--data-dir={self.root / 'etcd'}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls=http://127.0.0.1:{ports['peer']}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['peer']}",
-            f"--initial-cluster=default=http://127.0.0.1:{ports['peer']}",
-            "--unsafe-no-fsync",  # test data only: trade durability for speed
-            "--quota-backend-bytes=4294967296",
-            "--log-level=warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                f"--data-dir={self.root / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls=http://127.0.0.1:{ports['peer']}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['peer']}",
+                f"--initial-cluster=default=http://127.0.0.1:{ports['peer']}",
+                "--unsafe-no-fsync",  # test data only: trade durability for speed
+                "--quota-backend-bytes=4294967296",
+                "--log-level=warn",
+            ],
+        )
         wait_for(lambda: http_ok(f"{client}/health"), "etcd", self.logs / "etcd.log")
 
     def _start_apiserver(self, ports: dict[str, int]) -> None:
         pki = self.pki
-        self._spawn("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={ports['api']}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}",
-            f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            "--authorization-mode=RBAC",
-            "--allow-privileged=true",
-            "--profiling=false",
-            "--v=1",
-        ])
-        wait_for(lambda: self._api_ready(ports["api"]), "kube-apiserver",
-                 self.logs / "kube-apiserver.log", timeout=120)
+        self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports['api']}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        wait_for(
+            lambda: self._api_ready(ports["api"]),
+            "kube-apiserver",
+            self.logs / "kube-apiserver.log",
+            timeout=120,
+        )
 
     def _start_controllers(self, ports: dict[str, int]) -> None:
         kc = f"--kubeconfig={self.kubeconfig}"
-        self._spawn("kube-controller-manager", [
-            kc,
-            "--bind-address=127.0.0.1",
-            f"--secure-port={ports['kcm']}",
-            f"--service-account-private-key-file={self.pki / 'sa.key'}",
-            f"--root-ca-file={self.pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={self.pki / 'ca.crt'}",
-            f"--cluster-signing-key-file={self.pki / 'ca.key'}",
-            "--leader-elect=false",
-            "--controllers=*",
-            "--v=1",
-        ])
-        self._spawn("kube-scheduler", [
-            kc, "--bind-address=127.0.0.1", f"--secure-port={ports['sched']}",
-            "--leader-elect=false", "--v=1",
-        ])
-        self._spawn("kwok", [
-            kc,
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
-            "--cidr=10.0.0.1/24",
-            "--node-ip=10.0.0.1",
-            f"--server-address=127.0.0.1:{ports['kwok']}",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                kc,
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['kcm']}",
+                f"--service-account-private-key-file={self.pki / 'sa.key'}",
+                f"--root-ca-file={self.pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={self.pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={self.pki / 'ca.key'}",
+                "--leader-elect=false",
+                "--controllers=*",
+                "--v=1",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                kc,
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['sched']}",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+        )
+        self._spawn(
+            "kwok",
+            [
+                kc,
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
+                "--cidr=10.0.0.1/24",
+                "--node-ip=10.0.0.1",
+                f"--server-address=127.0.0.1:{ports['kwok']}",
+            ],
+        )
 
     def _add_nodes(self) -> None:
         items = [n.manifest() for n in NODES]
-        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        )
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=90s")
         # Pods need the default ServiceAccount, which the controller manager creates.
-        wait_for(lambda: self.kubectl("get", "serviceaccount", "default", check=False) == 0,
-                 "default ServiceAccount", self.logs / "kube-controller-manager.log")
+        wait_for(
+            lambda: self.kubectl("get", "serviceaccount", "default", check=False) == 0,
+            "default ServiceAccount",
+            self.logs / "kube-controller-manager.log",
+        )
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> int:
         proc = subprocess.run(
             [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input, text=True, capture_output=True,
+            input=input,
+            text=True,
+            capture_output=True,
         )
         if check and proc.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
@@ -235,22 +269,61 @@ class Cluster:
         def ssl_(*args: str) -> None:
             subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
 
-        ssl_("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "3650", "-subj", "/CN=lmforge-local-ca")
+        ssl_(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=lmforge-local-ca",
+        )
         certs = {
-            "apiserver": ("/CN=kube-apiserver",
-                          "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,"
-                          "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
-                          "extendedKeyUsage=serverAuth"),
+            "apiserver": (
+                "/CN=kube-apiserver",
+                "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,"
+                "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+                "extendedKeyUsage=serverAuth",
+            ),
             "admin": ("/O=system:masters/CN=lmforge-admin", "extendedKeyUsage=clientAuth"),
         }
         for name, (subject, ext) in certs.items():
             (pki / f"{name}.ext").write_text(ext + "\n")
-            ssl_("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", "-subj", subject)
-            ssl_("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650",
-                 "-extfile", f"{name}.ext")
+            ssl_(
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.csr",
+                "-subj",
+                subject,
+            )
+            ssl_(
+                "x509",
+                "-req",
+                "-in",
+                f"{name}.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                f"{name}.crt",
+                "-days",
+                "3650",
+                "-extfile",
+                f"{name}.ext",
+            )
         ssl_("genrsa", "-out", "sa.key", "2048")
         ssl_("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
 
@@ -258,14 +331,34 @@ class Cluster:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "lmforge-local", "cluster": {
-                "server": f"https://127.0.0.1:{port}",
-                "certificate-authority": str(self.pki / "ca.crt")}}],
-            "users": [{"name": "lmforge-admin", "user": {
-                "client-certificate": str(self.pki / "admin.crt"),
-                "client-key": str(self.pki / "admin.key")}}],
-            "contexts": [{"name": "lmforge-local", "context": {
-                "cluster": "lmforge-local", "user": "lmforge-admin", "namespace": "default"}}],
+            "clusters": [
+                {
+                    "name": "lmforge-local",
+                    "cluster": {
+                        "server": f"https://127.0.0.1:{port}",
+                        "certificate-authority": str(self.pki / "ca.crt"),
+                    },
+                }
+            ],
+            "users": [
+                {
+                    "name": "lmforge-admin",
+                    "user": {
+                        "client-certificate": str(self.pki / "admin.crt"),
+                        "client-key": str(self.pki / "admin.key"),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "lmforge-local",
+                    "context": {
+                        "cluster": "lmforge-local",
+                        "user": "lmforge-admin",
+                        "namespace": "default",
+                    },
+                }
+            ],
             "current-context": "lmforge-local",
         }
         tmp = self.kubeconfig.with_suffix(".tmp")
@@ -283,7 +376,9 @@ class Cluster:
 
 def build_binaries() -> Path:
     out = subprocess.run(
-        ["bash", str(HERE / "build-control-plane.sh")], check=True, text=True,
+        ["bash", str(HERE / "build-control-plane.sh")],
+        check=True,
+        text=True,
         stdout=subprocess.PIPE,
     ).stdout
     return Path(out.strip().splitlines()[-1])
@@ -325,10 +420,8 @@ def stop_process(pid: int, grace: float = 10) -> None:
             if not pid_alive(pid):
                 return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def wait_for(ok, what: str, log: Path, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
@@ -342,13 +435,21 @@ def wait_for(ok, what: str, log: Path, timeout: float = 60) -> None:  # type: ig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--dir", default=".lmforge/cluster", help="state folder")
+    parser.add_argument("--crds", help="folder of CRDs to install once the cluster is up")
     args = parser.parse_args()
     cluster = Cluster(Path(args.dir))
     if args.action == "up":
         cluster.up()
+        if args.crds:
+            cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", args.crds)
+            cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", args.crds)
+            print(f"installed the CRDs from {args.crds}")
+        print(f"kubectl built for this cluster: {cluster.bin / 'kubectl'}")
     elif args.action == "down":
         cluster.down()
     else:

@@ -40,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Kubernetes-native fine-tuning, alignment and serving of open LLMs.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    validate = sub.add_parser("validate", help="validate FinetuneJob/AlignmentJob/InferenceService YAML")
-    validate.add_argument("files", nargs="+", help="YAML files (several documents per file allowed)")
+    validate = sub.add_parser(
+        "validate", help="validate FinetuneJob/AlignmentJob/InferenceService YAML"
+    )
+    validate.add_argument(
+        "files", nargs="+", help="YAML files (several documents per file allowed)"
+    )
     validate.set_defaults(func=cmd_validate)
     demo = sub.add_parser("demo", help="run the newcomer's demo")
     demo.set_defaults(func=cmd_demo)

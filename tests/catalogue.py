@@ -67,10 +67,7 @@ def _set(obj: Any, path: str, value: Any) -> None:
     parts = path.split(".")
     for part in parts[:-1]:
         key: Any = int(part) if part.isdigit() else part
-        if isinstance(obj, dict):
-            obj = obj.setdefault(key, {})
-        else:
-            obj = obj[key]
+        obj = obj.setdefault(key, {}) if isinstance(obj, dict) else obj[key]
     last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
     if value is _DELETE:
         del obj[last]
@@ -80,7 +77,7 @@ def _set(obj: Any, path: str, value: Any) -> None:
         obj[last] = value
 
 
-F, A, I = "FinetuneJob", "AlignmentJob", "InferenceService"
+F, A, S = "FinetuneJob", "AlignmentJob", "InferenceService"
 
 CASES: list[Case] = [
     # wrong types
@@ -88,8 +85,12 @@ CASES: list[Case] = [
     Case("epochs-bool", F, {"spec.training.epochs": "three"}, "spec.training.epochs"),
     Case("packing-list", F, {"spec.dataset.packing": ["yes"]}, "spec.dataset.packing"),
     Case("sources-object", F, {"spec.dataset.sources": {"uri": "x"}}, "spec.dataset.sources"),
-    Case("quantity-word", F, {"spec.resources.requests": {"memory": "lots"}},
-         "spec.resources.requests.memory"),
+    Case(
+        "quantity-word",
+        F,
+        {"spec.resources.requests": {"memory": "lots"}},
+        "spec.resources.requests.memory",
+    ),
     # out of range
     Case("lr-negative", F, {"spec.training.learningRate": -1}, "spec.training.learningRate"),
     Case("lora-rank-zero", F, {"spec.method.lora": {"rank": 0}}, "spec.method.lora.rank"),
@@ -98,91 +99,195 @@ CASES: list[Case] = [
     Case("seq-len-8", F, {"spec.dataset.maxSeqLength": 8}, "spec.dataset.maxSeqLength"),
     Case("nodes-zero", F, {"spec.distributed": {"nodes": 0}}, "spec.distributed.nodes"),
     Case("gpus-17", F, {"spec.distributed": {"gpusPerNode": 17}}, "spec.distributed.gpusPerNode"),
-    Case("backoff-negative", F, {"spec.runPolicy": {"backoffLimit": -1}},
-         "spec.runPolicy.backoffLimit"),
+    Case(
+        "backoff-negative",
+        F,
+        {"spec.runPolicy": {"backoffLimit": -1}},
+        "spec.runPolicy.backoffLimit",
+    ),
     Case("keep-zero", F, {"spec.checkpoint": {"keep": 0}}, "spec.checkpoint.keep"),
-    Case("rope-factor-half", F, {"spec.training.ropeScaling": {"type": "linear", "factor": 0.5}},
-         "spec.training.ropeScaling.factor"),
-    Case("eval-fraction-0.9", F, {"spec.dataset.evalSplit": {"fraction": 0.9}},
-         "spec.dataset.evalSplit.fraction"),
-    Case("temperature-3", A, {"spec.generation": {"temperature": 3}},
-         "spec.generation.temperature"),
+    Case(
+        "rope-factor-half",
+        F,
+        {"spec.training.ropeScaling": {"type": "linear", "factor": 0.5}},
+        "spec.training.ropeScaling.factor",
+    ),
+    Case(
+        "eval-fraction-0.9",
+        F,
+        {"spec.dataset.evalSplit": {"fraction": 0.9}},
+        "spec.dataset.evalSplit.fraction",
+    ),
+    Case(
+        "temperature-3", A, {"spec.generation": {"temperature": 3}}, "spec.generation.temperature"
+    ),
     Case("no-sources", F, {"spec.dataset.sources": []}, "spec.dataset.sources"),
     # unknown enum values / patterns
     Case("method-lorax", F, {"spec.method": {"type": "lorax"}}, "spec.method.type"),
-    Case("format-csv", F, {"spec.dataset.sources.0.format": "csv"},
-         "spec.dataset.sources[0].format"),
+    Case(
+        "format-csv", F, {"spec.dataset.sources.0.format": "csv"}, "spec.dataset.sources[0].format"
+    ),
     Case("template-llama2", F, {"spec.model.chatTemplate": "llama2"}, "spec.model.chatTemplate"),
-    Case("strategy-horovod", F, {"spec.distributed": {"strategy": "horovod"}},
-         "spec.distributed.strategy"),
+    Case(
+        "strategy-horovod",
+        F,
+        {"spec.distributed": {"strategy": "horovod"}},
+        "spec.distributed.strategy",
+    ),
     Case("precision-fp8", F, {"spec.training.precision": "fp8"}, "spec.training.precision"),
-    Case("bits-3", F, {"spec.method": {"type": "qlora", "quantization": {"bits": 3}}},
-         "spec.method.quantization.bits"),
-    Case("toleration-maybe", F, {"spec.scheduling": {"tolerations": [{"operator": "Maybe"}]}},
-         "spec.scheduling.tolerations[0].operator"),
+    Case(
+        "bits-3",
+        F,
+        {"spec.method": {"type": "qlora", "quantization": {"bits": 3}}},
+        "spec.method.quantization.bits",
+    ),
+    Case(
+        "toleration-maybe",
+        F,
+        {"spec.scheduling": {"tolerations": [{"operator": "Maybe"}]}},
+        "spec.scheduling.tolerations[0].operator",
+    ),
     Case("source-http", F, {"spec.model.source": "http://example.com/model"}, "spec.model.source"),
-    Case("queue-uppercase", F, {"spec.scheduling": {"queueName": "Bad_Queue"}},
-         "spec.scheduling.queueName"),
-    Case("fromjob-kind", F, {"spec.model": {"fromJob": {"kind": "InferenceService", "name": "x"}}},
-         "spec.model.fromJob.kind"),
+    Case(
+        "queue-uppercase",
+        F,
+        {"spec.scheduling": {"queueName": "Bad_Queue"}},
+        "spec.scheduling.queueName",
+    ),
+    Case(
+        "fromjob-kind",
+        F,
+        {"spec.model": {"fromJob": {"kind": "InferenceService", "name": "x"}}},
+        "spec.model.fromJob.kind",
+    ),
     Case("alignment-rlhf", A, {"spec.method.type": "rlhf"}, "spec.method.type"),
-    Case("runtime-tgi", I, {"spec.runtime": "tgi"}, "spec.runtime"),
-    Case("adapter-name-space", I, {"spec.adapters.0.name": "Bad Name"}, "spec.adapters[0].name"),
+    Case("runtime-tgi", S, {"spec.runtime": "tgi"}, "spec.runtime"),
+    Case("adapter-name-space", S, {"spec.adapters.0.name": "Bad Name"}, "spec.adapters[0].name"),
     Case("unknown-field", F, {"spec.training.learningRat": 0.1}, "spec.training.learningRat"),
     # missing required fields
     Case("no-dataset", F, {"spec.dataset": _DELETE}, "spec.dataset"),
     Case("no-model", F, {"spec.model": _DELETE}, "spec.model"),
     Case("no-alignment-method", A, {"spec.method": _DELETE}, "spec.method"),
-    Case("no-adapter-name", I, {"spec.adapters.0.name": _DELETE}, "spec.adapters[0].name"),
-    Case("rope-no-type", F, {"spec.training.ropeScaling": {"factor": 2}},
-         "spec.training.ropeScaling.type"),
-    Case("autoscaling-no-max", I, {"spec.autoscaling": {"target": 4}},
-         "spec.autoscaling.maxReplicas"),
+    Case("no-adapter-name", S, {"spec.adapters.0.name": _DELETE}, "spec.adapters[0].name"),
+    Case(
+        "rope-no-type",
+        F,
+        {"spec.training.ropeScaling": {"factor": 2}},
+        "spec.training.ropeScaling.type",
+    ),
+    Case(
+        "autoscaling-no-max", S, {"spec.autoscaling": {"target": 4}}, "spec.autoscaling.maxReplicas"
+    ),
     # contradictory combinations (CEL)
     Case("source-and-fromjob", F, {"spec.model.fromJob": {"name": "other"}}, "spec.model.source"),
-    Case("neither-source-nor-fromjob", F, {"spec.model": {"chatTemplate": "chatml"}},
-         "spec.model.source"),
-    Case("qlora-no-quantization", F, {"spec.method": {"type": "qlora"}}, "spec.method.quantization"),
-    Case("lora-with-quantization", F, {"spec.method": {"type": "lora", "quantization": {"bits": 4}}},
-         "spec.method.quantization"),
-    Case("merge-full", F, {"spec.method": {"type": "full", "mergeOnExport": True}},
-         "spec.method.mergeOnExport"),
-    Case("adalora-ranks", F, {"spec.method": {"type": "adalora",
-                                              "adalora": {"initialRank": 4, "targetRank": 8}}},
-         "spec.method.adalora.targetRank"),
-    Case("epochs-and-steps", F, {"spec.training.epochs": 1, "spec.training.maxSteps": 10},
-         "spec.training.maxSteps"),
-    Case("global-batch-indivisible", F,
-         {"spec.training.batchSize": {"perDevice": 4, "global": 10}},
-         "spec.training.batchSize.global"),
-    Case("global-batch-multinode", F,
-         {"spec.training.batchSize": {"perDevice": 1, "global": 24},
-          "spec.distributed": {"nodes": 2, "gpusPerNode": 8}},
-         "spec.training.batchSize.global", why="24 is not a multiple of 1 x 2 x 8"),
-    Case("zero3-on-cpu", F, {"spec.distributed": {"strategy": "zero3", "gpusPerNode": 0}},
-         "spec.distributed.gpusPerNode"),
-    Case("procs-ne-gpus", F, {"spec.distributed": {"gpusPerNode": 8, "processesPerNode": 4}},
-         "spec.distributed.processesPerNode"),
-    Case("cpt-alpaca", F, {"spec.task": "continued-pretraining",
-                           "spec.dataset.sources.0.format": "alpaca"}, "spec.dataset.sources"),
-    Case("output-both", F, {"spec.output": {"existingClaim": "out", "create": {"size": "1Gi"}}},
-         "spec.output.create"),
+    Case(
+        "neither-source-nor-fromjob",
+        F,
+        {"spec.model": {"chatTemplate": "chatml"}},
+        "spec.model.source",
+    ),
+    Case(
+        "qlora-no-quantization", F, {"spec.method": {"type": "qlora"}}, "spec.method.quantization"
+    ),
+    Case(
+        "lora-with-quantization",
+        F,
+        {"spec.method": {"type": "lora", "quantization": {"bits": 4}}},
+        "spec.method.quantization",
+    ),
+    Case(
+        "merge-full",
+        F,
+        {"spec.method": {"type": "full", "mergeOnExport": True}},
+        "spec.method.mergeOnExport",
+    ),
+    Case(
+        "adalora-ranks",
+        F,
+        {"spec.method": {"type": "adalora", "adalora": {"initialRank": 4, "targetRank": 8}}},
+        "spec.method.adalora.targetRank",
+    ),
+    Case(
+        "epochs-and-steps",
+        F,
+        {"spec.training.epochs": 1, "spec.training.maxSteps": 10},
+        "spec.training.maxSteps",
+    ),
+    Case(
+        "global-batch-indivisible",
+        F,
+        {"spec.training.batchSize": {"perDevice": 4, "global": 10}},
+        "spec.training.batchSize.global",
+    ),
+    Case(
+        "global-batch-multinode",
+        F,
+        {
+            "spec.training.batchSize": {"perDevice": 1, "global": 24},
+            "spec.distributed": {"nodes": 2, "gpusPerNode": 8},
+        },
+        "spec.training.batchSize.global",
+        why="24 is not a multiple of 1 x 2 x 8",
+    ),
+    Case(
+        "zero3-on-cpu",
+        F,
+        {"spec.distributed": {"strategy": "zero3", "gpusPerNode": 0}},
+        "spec.distributed.gpusPerNode",
+    ),
+    Case(
+        "procs-ne-gpus",
+        F,
+        {"spec.distributed": {"gpusPerNode": 8, "processesPerNode": 4}},
+        "spec.distributed.processesPerNode",
+    ),
+    Case(
+        "cpt-alpaca",
+        F,
+        {"spec.task": "continued-pretraining", "spec.dataset.sources.0.format": "alpaca"},
+        "spec.dataset.sources",
+    ),
+    Case(
+        "output-both",
+        F,
+        {"spec.output": {"existingClaim": "out", "create": {"size": "1Gi"}}},
+        "spec.output.create",
+    ),
     Case("name-too-long", F, {"metadata.name": "a" * 60}, "metadata.name"),
-    Case("grpo-no-reward", A, {"spec.method": {"type": "grpo"},
-                               "spec.dataset.sources.0.format": "prompt"},
-         "spec.method.rewardModel"),
+    Case(
+        "grpo-no-reward",
+        A,
+        {"spec.method": {"type": "grpo"}, "spec.dataset.sources.0.format": "prompt"},
+        "spec.method.rewardModel",
+    ),
     Case("dpo-alpaca", A, {"spec.dataset.sources.0.format": "alpaca"}, "spec.dataset.sources"),
     Case("kto-preference", A, {"spec.method.type": "kto"}, "spec.dataset.sources"),
-    Case("align-prompt-tuning", A, {"spec.method.peft": {"type": "prompt-tuning"}},
-         "spec.method.peft.type"),
-    Case("autoscaling-min-max", I, {"spec.autoscaling": {"minReplicas": 5, "maxReplicas": 2,
-                                                         "target": 8}},
-         "spec.autoscaling.minReplicas"),
-    Case("replicas-and-autoscaling", I, {"spec.replicas": 2,
-                                          "spec.autoscaling": {"maxReplicas": 3, "target": 8}},
-         "spec.autoscaling"),
-    Case("tp-exceeds-gpus", I, {"spec.serving": {"tensorParallel": 4}}, "spec.serving.tensorParallel"),
-    Case("adapter-duplicate", I, {"spec.adapters.1": {"name": "a", "source": "hf://o/b"}},
-         "spec.adapters"),
-    Case("adapter-both", I, {"spec.adapters.0.source": "hf://o/a"}, "spec.adapters[0].source"),
+    Case(
+        "align-prompt-tuning",
+        A,
+        {"spec.method.peft": {"type": "prompt-tuning"}},
+        "spec.method.peft.type",
+    ),
+    Case(
+        "autoscaling-min-max",
+        S,
+        {"spec.autoscaling": {"minReplicas": 5, "maxReplicas": 2, "target": 8}},
+        "spec.autoscaling.minReplicas",
+    ),
+    Case(
+        "replicas-and-autoscaling",
+        S,
+        {"spec.replicas": 2, "spec.autoscaling": {"maxReplicas": 3, "target": 8}},
+        "spec.autoscaling",
+    ),
+    Case(
+        "tp-exceeds-gpus", S, {"spec.serving": {"tensorParallel": 4}}, "spec.serving.tensorParallel"
+    ),
+    Case(
+        "adapter-duplicate",
+        S,
+        {"spec.adapters.1": {"name": "a", "source": "hf://o/b"}},
+        "spec.adapters",
+    ),
+    Case("adapter-both", S, {"spec.adapters.0.source": "hf://o/a"}, "spec.adapters[0].source"),
 ]

@@ -97,5 +97,12 @@ def field_(description: str, default: Any = ..., **kwargs: Any) -> Any:
 
 
 def object_field(model: type[BaseModel], description: str) -> Any:
-    """A nested object that defaults to `{}` so the API server applies its defaults."""
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    """A nested object that may be omitted: it defaults to the model's own defaults.
+
+    The schema default is spelled out in full (not `{}`): the API server checks
+    defaults against the CEL rules without applying nested defaults first.
+    """
+    default = model().model_dump(by_alias=True, exclude_none=True, mode="json")
+    return Field(
+        default_factory=model, description=description, json_schema_extra={"default": default}
+    )

@@ -12,7 +12,9 @@ from lmforge.api.base import QUANTITY_PATTERN, ApiModel, Rule, field_, object_fi
 # ---------------------------------------------------------------- references
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-MODEL_URI = r"^(hf://[^@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^\s/]+(/.*)?)$"
+MODEL_URI = (
+    r"^(hf://[^@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^\s/]+(/.*)?)$"
+)
 DATA_URI = r"^(hf://|pvc://|s3://|file://)?[^\s]+$"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 
@@ -137,7 +139,8 @@ class DataSource(ApiModel):
     format: DataFormat = field_(
         "Record format. auto detects it; LMFlow text_only/text2text/conversation/"
         "paired_conversation, alpaca, sharegpt (BELLE), openai (messages), text (plain lines), "
-        "preference (prompt/chosen/rejected), kto (prompt/completion/label), prompt (prompts only).",
+        "preference (prompt/chosen/rejected), kto (prompt/completion/label), "
+        "prompt (prompts only).",
         "auto",
     )
     weight: float = field_(
@@ -232,9 +235,7 @@ class LisaSpec(ApiModel):
     active_layers: int = field_(
         "Transformer layers trained at a time (embeddings and head always train).", 2, ge=1
     )
-    interval_steps: int = field_(
-        "Steps between re-sampling the active layers.", 20, ge=1
-    )
+    interval_steps: int = field_("Steps between re-sampling the active layers.", 20, ge=1)
 
 
 ADAPTER_TYPES = ("lora", "qlora", "dora", "ia3", "adalora")
@@ -285,9 +286,7 @@ class TuningMethod(ApiModel):
     )
     adalora: AdaLoraSpec = object_field(AdaLoraSpec, "Rank budget for adalora.")
     lisa: LisaSpec = object_field(LisaSpec, "Layer sampling for lisa.")
-    merge_on_export: bool = field_(
-        "Also export the adapter merged into the base weights.", False
-    )
+    merge_on_export: bool = field_("Also export the adapter merged into the base weights.", False)
 
 
 # ---------------------------------------------------------------- training loop
@@ -387,9 +386,11 @@ class DistributedSpec(ApiModel):
             "self.processesPerNode == self.gpusPerNode : true",
             message="processesPerNode must equal gpusPerNode on GPU nodes (one process per GPU)",
             field="processesPerNode",
-            check=lambda m: m.processes_per_node is None
-            or m.gpus_per_node == 0
-            or m.processes_per_node == m.gpus_per_node,
+            check=lambda m: (
+                m.processes_per_node is None
+                or m.gpus_per_node == 0
+                or m.processes_per_node == m.gpus_per_node
+            ),
         ),
     )
 
@@ -436,17 +437,13 @@ class Toleration(ApiModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = field_(
         "Taint effect to match; empty matches all.", None
     )
-    toleration_seconds: int | None = field_(
-        "How long a NoExecute taint is tolerated.", None, ge=0
-    )
+    toleration_seconds: int | None = field_("How long a NoExecute taint is tolerated.", None, ge=0)
 
 
 class SchedulingSpec(ApiModel):
     """Where pods may run and in which queue they wait."""
 
-    node_selector: dict[str, str] = field_(
-        "Node labels the pods require.", default_factory=dict
-    )
+    node_selector: dict[str, str] = field_("Node labels the pods require.", default_factory=dict)
     tolerations: list[Toleration] = field_(
         "Taints the pods tolerate (the nvidia.com/gpu taint is tolerated automatically).",
         default_factory=list,
@@ -529,9 +526,7 @@ class OutputSpec(ApiModel):
     create: VolumeClaimTemplate | None = field_(
         "Create a PersistentVolumeClaim owned by the job (the default, 50Gi).", None
     )
-    path: str = field_(
-        "Folder inside the volume; defaults to <kind>/<name>.", "", max_length=1024
-    )
+    path: str = field_("Folder inside the volume; defaults to <kind>/<name>.", "", max_length=1024)
 
 
 # ---------------------------------------------------------------- status
@@ -554,5 +549,7 @@ class Condition(ApiModel):
 
 ConditionList = Annotated[
     list[Condition],
-    Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    Field(
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    ),
 ]

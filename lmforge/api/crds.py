@@ -33,7 +33,10 @@ def structural_schema(cls: type[KubernetesObject]) -> dict[str, Any]:
     schema = _convert(raw, defs, path=cls.kind_name)
     props = schema["properties"]
     # The API server owns metadata's schema; only name may be constrained by rules.
-    props["metadata"] = {"type": "object"}
+    props["metadata"] = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "description": "Object name."}},
+    }
     props["apiVersion"] = {"type": "string", "description": props["apiVersion"]["description"]}
     props["kind"] = {"type": "string", "description": props["kind"]["description"]}
     schema["required"] = ["spec"]
@@ -54,6 +57,10 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
             }
         elif key == "items":
             out["items"] = _convert(value, defs, f"{path}[]")
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            # JSON Schema's numeric form -> OpenAPI v3.0's bound plus boolean flag.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         else:
             out[key] = copy.deepcopy(value)
     extra = node.get("additionalProperties")

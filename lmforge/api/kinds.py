@@ -155,13 +155,9 @@ class KubernetesObject(ApiModel):
     short_names: ClassVar[tuple[str, ...]] = ()
     printer_columns: ClassVar[tuple[dict[str, Any], ...]] = ()
 
-    api_version: Literal["lmforge.io/v1alpha1"] = field_(
-        "lmforge.io/v1alpha1.", API_VERSION
-    )
+    api_version: Literal["lmforge.io/v1alpha1"] = field_("lmforge.io/v1alpha1.", API_VERSION)
     kind: str = field_("The kind.")
-    metadata: dict[str, Any] = field_(
-        "Standard object metadata.", default_factory=dict
-    )
+    metadata: dict[str, Any] = field_("Standard object metadata.", default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -192,8 +188,10 @@ class FinetuneJobSpec(TrainingJobSpec):
             message="continued-pretraining reads raw text: dataset formats must be auto, text "
             "or text_only",
             field="dataset.sources",
-            check=lambda s: s.task != "continued-pretraining"
-            or all(src.format in ("auto", "text", "text_only") for src in s.dataset.sources),
+            check=lambda s: (
+                s.task != "continued-pretraining"
+                or all(src.format in ("auto", "text", "text_only") for src in s.dataset.sources)
+            ),
         ),
         *immutable("model", "task", "dataset", "method", "training", "distributed"),
     )
@@ -214,8 +212,12 @@ class FinetuneJob(KubernetesObject):
     rules = (NAME_FITS_POD_HOSTNAMES,)
     printer_columns = (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
-         "description": "Percent of optimizer steps done"},
+        {
+            "name": "Progress",
+            "type": "integer",
+            "jsonPath": ".status.progress.percent",
+            "description": "Percent of optimizer steps done",
+        },
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
         {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
@@ -286,9 +288,7 @@ class AlignmentMethod(ApiModel):
     num_generations: int = field_(
         "GRPO group size: completions sampled per prompt.", 8, ge=2, le=256
     )
-    peft: TuningMethod = object_field(
-        TuningMethod, "Which parameters are trained (default lora)."
-    )
+    peft: TuningMethod = object_field(TuningMethod, "Which parameters are trained (default lora).")
 
 
 class GenerationSpec(ApiModel):
@@ -317,27 +317,38 @@ class AlignmentJobSpec(TrainingJobSpec):
             message="reward-model and the DPO family need preference data: formats auto, "
             "preference or paired_conversation",
             field="dataset.sources",
-            check=lambda s: s.method.type not in PREFERENCE_METHODS
-            or all(x.format in ("auto", "preference", "paired_conversation")
-                   for x in s.dataset.sources),
+            check=lambda s: (
+                s.method.type not in PREFERENCE_METHODS
+                or all(
+                    x.format in ("auto", "preference", "paired_conversation")
+                    for x in s.dataset.sources
+                )
+            ),
         ),
         Rule(
             cel="self.method.type == 'kto' ? self.dataset.sources.all(s, "
             "s.format in ['auto', 'kto']) : true",
             message="kto needs unpaired labelled data: formats auto or kto",
             field="dataset.sources",
-            check=lambda s: s.method.type != "kto"
-            or all(x.format in ("auto", "kto") for x in s.dataset.sources),
+            check=lambda s: (
+                s.method.type != "kto"
+                or all(x.format in ("auto", "kto") for x in s.dataset.sources)
+            ),
         ),
         Rule(
             cel=f"self.method.type in {list(ONLINE_METHODS)} ? self.dataset.sources.all(s, "
-            "s.format in ['auto', 'prompt', 'openai', 'conversation', 'alpaca', 'sharegpt']) : true",
+            "s.format in ['auto', 'prompt', 'openai', 'conversation', 'alpaca', 'sharegpt']) "
+            ": true",
             message="raft, ppo and grpo sample from prompts: formats auto, prompt, openai, "
             "conversation, alpaca or sharegpt",
             field="dataset.sources",
-            check=lambda s: s.method.type not in ONLINE_METHODS
-            or all(x.format in ("auto", "prompt", "openai", "conversation", "alpaca", "sharegpt")
-                   for x in s.dataset.sources),
+            check=lambda s: (
+                s.method.type not in ONLINE_METHODS
+                or all(
+                    x.format in ("auto", "prompt", "openai", "conversation", "alpaca", "sharegpt")
+                    for x in s.dataset.sources
+                )
+            ),
         ),
         *immutable("model", "dataset", "method", "training", "distributed"),
     )
@@ -356,8 +367,12 @@ class AlignmentJob(KubernetesObject):
     printer_columns = (
         {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
-         "description": "Percent of optimizer steps done"},
+        {
+            "name": "Progress",
+            "type": "integer",
+            "jsonPath": ".status.progress.percent",
+            "description": "Percent of optimizer steps done",
+        },
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -427,7 +442,8 @@ class InferenceServiceSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="self.serving.tensorParallel <= (self.gpusPerReplica > 0 ? self.gpusPerReplica : 1)",
+            cel="self.serving.tensorParallel <= "
+            "(self.gpusPerReplica > 0 ? self.gpusPerReplica : 1)",
             message="serving.tensorParallel must not exceed gpusPerReplica",
             field="serving.tensorParallel",
             check=lambda s: s.serving.tensor_parallel <= max(s.gpus_per_replica, 1),
@@ -483,9 +499,7 @@ class InferenceServiceStatus(ApiModel):
         "Pending, Loading, Ready, Degraded or Failed.", None
     )
     url: str | None = field_("Base URL of the OpenAI-compatible API.", None)
-    conditions: ConditionList = field_(
-        "Ready, ModelLoaded, AdaptersLoaded.", default_factory=list
-    )
+    conditions: ConditionList = field_("Ready, ModelLoaded, AdaptersLoaded.", default_factory=list)
     observed_generation: int | None = field_(
         "metadata.generation the status was computed for.", None, ge=0
     )
@@ -515,9 +529,7 @@ class InferenceService(KubernetesObject):
 
     kind: Literal["InferenceService"] = field_("InferenceService.", "InferenceService")
     spec: InferenceServiceSpec = field_("Desired service.")
-    status: InferenceServiceStatus | None = field_(
-        "Observed state, written by the operator.", None
-    )
+    status: InferenceServiceStatus | None = field_("Observed state, written by the operator.", None)
 
 
 KINDS: dict[str, type[KubernetesObject]] = {

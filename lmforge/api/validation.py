@@ -54,11 +54,17 @@ def parse_object(data: Any) -> KubernetesObject:
     cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         supported = ", ".join(sorted(KINDS))
-        raise InvalidObject([Problem("kind", f"Unsupported value: {kind!r}: supported: {supported}")])
+        raise InvalidObject(
+            [Problem("kind", f"Unsupported value: {kind!r}: supported: {supported}")]
+        )
     if data.get("apiVersion") != API_VERSION:
         raise InvalidObject(
-            [Problem("apiVersion", f"Unsupported value: {data.get('apiVersion')!r}: "
-                     f"supported: {API_VERSION!r}")],
+            [
+                Problem(
+                    "apiVersion",
+                    f"Unsupported value: {data.get('apiVersion')!r}: supported: {API_VERSION!r}",
+                )
+            ],
             kind=cls.kind_name,
         )
     try:
@@ -127,10 +133,11 @@ def _node_line(root: yaml.Node | None, path: str) -> int | None:
             for key, val in node.value:
                 if key.value == part:
                     nxt, line = val, key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part < len(node.value):
-                nxt = node.value[part]
-                line = nxt.start_mark.line + 1
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and len(node.value) > part
+        ):
+            nxt = node.value[part]
+            line = nxt.start_mark.line + 1
         if nxt is None:
             break
         node = nxt

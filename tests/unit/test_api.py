@@ -58,7 +58,9 @@ def test_cel_rules_are_attached() -> None:
         for path, node in _walk(schema, "FinetuneJob")
         for rule in node.get("x-kubernetes-validations", [])
     }
-    assert rules["self.type == 'qlora' ? has(self.quantization) : true"] == "FinetuneJob.spec.method"
+    assert (
+        rules["self.type == 'qlora' ? has(self.quantization) : true"] == "FinetuneJob.spec.method"
+    )
     assert rules["self.model == oldSelf.model"] == "FinetuneJob.spec"
 
 
@@ -90,8 +92,9 @@ def test_catalogue_is_large_enough() -> None:
 
 
 def test_errors_name_file_line_and_field(tmp_path: Path) -> None:
-    doc = BASE["FinetuneJob"] | {"spec": {**BASE["FinetuneJob"]["spec"],
-                                          "method": {"type": "qlora", "lora": {"rank": -2}}}}
+    doc = BASE["FinetuneJob"] | {
+        "spec": {**BASE["FinetuneJob"]["spec"], "method": {"type": "qlora", "lora": {"rank": -2}}}
+    }
     good = BASE["InferenceService"]
     path = tmp_path / "jobs.yaml"
     path.write_text(yaml.safe_dump_all([good, doc], sort_keys=False))

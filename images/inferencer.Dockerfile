@@ -1,0 +1,15 @@
+# The serving runtime: CUDA + torch + the OpenAI-compatible server (extras `train`, `serve`).
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/lmforge
+ENV PATH=/opt/lmforge/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml setup.py README.md requirements.lock ./
+COPY lmforge lmforge
+COPY operator operator
+COPY trainer trainer
+RUN pip install --no-cache-dir -c requirements.lock ".[train,serve]" && rm -rf /src
+USER 1000:1000
+EXPOSE 8000
+ENTRYPOINT ["python", "-m", "lmforge.trainer", "serve"]
