@@ -13,7 +13,8 @@ from lmforge.api.base import QUANTITY_PATTERN, ApiModel, Rule, field_, object_fi
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MODEL_URI = (
-    r"^(hf://[^@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^\s/]+(/.*)?)$"
+    r"^(hf://[^@\s]+(@[^\s]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^\s/]+(/.*)?"
+    r"|file://[^\s]+)$"
 )
 DATA_URI = r"^(hf://|pvc://|s3://|file://)?[^\s]+$"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
@@ -73,7 +74,8 @@ class ModelSource(ApiModel):
     rules = (SOURCE_XOR_FROM_JOB,)
 
     source: str | None = field_(
-        "Model location: hf://org/name[@revision], pvc://claim/path or s3://bucket/prefix.",
+        "Model location: hf://org/name[@revision], pvc://claim/path, s3://bucket/prefix, or "
+        "file://path (local runs only; relative to the YAML file).",
         None,
         pattern=MODEL_URI,
         max_length=2048,

@@ -1,0 +1,746 @@
+"""The trainer data pipeline: formats, validation, mixing, templates, tokenization, packing."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from lmforge.trainer.data import (  # noqa: E402
+    NAMED_TEMPLATES,
+    DataCollator,
+    DataError,
+    Example,
+    load_examples,
+    load_source,
+    resolve_chat_template,
+    tokenize_examples,
+)
+
+from lmforge.api.common import DatasetSpec, DataSource, EvalSplit  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
+
+
+def system(content: str) -> dict[str, str]:
+    return {"role": "system", "content": content}
+
+
+def load(uri: str, data_format: str = "auto") -> list[Example]:
+    return load_source(DataSource(uri=uri, format=data_format), FIXTURES)
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    return build_tokenizer()
+
+
+def build_tokenizer() -> Any:
+    """A small byte-level BPE tokenizer built locally (no hub), with BOS added to plain text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [
+        "Hello there, how are you? I am fine, thank you.",
+        "user assistant system: What is the capital of France? Paris.",
+        "The quick brown fox jumps over the lazy dog. Rivers flow to the sea.",
+    ] * 4
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_plain_text_file_has_one_document_per_paragraph() -> None:
+    examples = load("plain.txt")
+    assert [e.text for e in examples] == [
+        "The first document\nspans two lines.",
+        "The second document.",
+        "The third document.",
+    ]
+    assert [e.origin for e in examples] == ["plain.txt:1", "plain.txt:4", "plain.txt:7"]
+
+
+@pytest.mark.parametrize("uri", ["text.jsonl", "lmflow_text_only.json"])
+def test_text_records(uri: str) -> None:
+    examples = load(uri)
+    assert [e.text for e in examples] == ["Rivers flow to the sea.", "Mountains rise over time."]
+    assert all(e.messages == () for e in examples)
+
+
+def test_lmflow_text2text_is_user_then_assistant() -> None:
+    examples = load("lmflow_text2text.json")
+    assert examples[1].messages == (user("Capital of France?"), assistant("Paris"))
+    assert examples[1].origin == "lmflow_text2text.json[1]"
+    assert examples[1].reference == "Paris"
+
+
+def test_lmflow_conversation_keeps_system_and_tools() -> None:
+    (example,) = load("lmflow_conversation.json")
+    assert example.messages == (
+        system("You are terse."),
+        user("Hi"),
+        assistant("Hello"),
+        user("What is 2 + 2?"),
+        assistant("4"),
+    )
+    assert example.tools == (
+        {"name": "add", "parameters": {"a": "int", "b": "int"}},
+        {"description": "Look up the weather in a city."},
+    )
+    assert example.reference == "4"
+
+
+def test_lmflow_paired_conversation_splits_shared_prompt() -> None:
+    (example,) = load("lmflow_paired_conversation.json")
+    assert example.messages == (system("Be kind."), user("How do I boil an egg?"))
+    assert example.chosen == (assistant("Simmer it for nine minutes."),)
+    assert example.rejected == (assistant("Figure it out."),)
+
+
+def test_alpaca_joins_input_and_unrolls_history() -> None:
+    first, second = load("alpaca.json")
+    assert first.messages == (user("Translate to French\ncat"), assistant("chat"))
+    assert second.messages == (
+        system("You translate."),
+        user("Translate to French: cat"),
+        assistant("chat"),
+        user("And dog?"),
+        assistant("chien"),
+    )
+
+
+def test_sharegpt_maps_speakers_and_tool_turns() -> None:
+    first, second = load("sharegpt.jsonl")
+    assert first.messages == (system("Be nice."), user("Hi"), assistant("Hello!"))
+    assert [m["role"] for m in second.messages] == ["user", "assistant", "tool", "assistant"]
+    assert second.messages[2]["content"] == '{"temp": 21}'
+    assert second.tools == ({"name": "weather", "parameters": {"city": "string"}},)
+    assert second.origin == "sharegpt.jsonl:2"
+
+
+def test_openai_messages() -> None:
+    first, second = load("openai.jsonl")
+    assert first.messages == (
+        system("You are Marv."),
+        user("Capital of France?"),
+        assistant("Paris, obviously."),
+    )
+    assert second.messages == (user("2 + 2?"), assistant("4"))
+
+
+def test_preference_with_strings_and_messages() -> None:
+    first, second = load("preference.jsonl")
+    assert first.messages == (user("Name a colour."),)
+    assert first.chosen == (assistant("Blue."),)
+    assert first.rejected == (assistant("Seven."),)
+    assert second.messages == (system("Answer briefly."), user("Sky colour?"))
+    assert second.rejected == (assistant("It depends on many factors."),)
+    assert second.reference == "Blue."
+
+
+def test_preference_in_llama_factory_sharegpt_layout() -> None:
+    (example,) = load("preference_sharegpt.jsonl")
+    assert example.messages == (system("Be kind."), user("Name a colour."))
+    assert example.chosen == (assistant("Blue."),)
+    assert example.rejected == (assistant("Seven."),)
+
+
+def test_preference_with_implicit_prompt(tmp_path: Path) -> None:
+    prompt = [user("Hi"), assistant("Hello"), user("Sky colour?")]
+    write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"chosen": [*prompt, assistant("Blue.")], "rejected": [*prompt, assistant("Red.")]}],
+    )
+    (example,) = load_source(DataSource(uri="pairs.jsonl", format="preference"), tmp_path)
+    assert example.messages == tuple(prompt)
+    assert example.chosen == (assistant("Blue."),)
+    assert example.rejected == (assistant("Red."),)
+
+
+def test_kto_records() -> None:
+    good, bad = load("kto.jsonl")
+    assert good.messages == (user("Name a colour."),)
+    assert good.chosen == (assistant("Blue."),) and good.label is True
+    assert bad.chosen == (assistant("Seven."),) and bad.label is False
+
+
+def test_prompt_records() -> None:
+    first, second = load("prompt.jsonl")
+    assert first.messages == (user("Write a haiku about rain."),)
+    assert second.messages == (system("Be poetic."), user("Describe snow."))
+    assert first.reference is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "data_format"),
+    [
+        ("text.jsonl", "text"),
+        ("lmflow_text_only.json", "text_only"),
+        ("lmflow_text2text.json", "text2text"),
+        ("lmflow_conversation.json", "conversation"),
+        ("lmflow_paired_conversation.json", "paired_conversation"),
+        ("alpaca.json", "alpaca"),
+        ("sharegpt.jsonl", "sharegpt"),
+        ("openai.jsonl", "openai"),
+        ("preference.jsonl", "preference"),
+        ("preference_sharegpt.jsonl", "preference"),
+        ("kto.jsonl", "kto"),
+        ("prompt.jsonl", "prompt"),
+    ],
+)
+def test_auto_detection_matches_explicit_format(uri: str, data_format: str) -> None:
+    assert load(uri, "auto") == load(uri, data_format)
+
+
+def test_auto_detection_reads_keys_of_plain_records(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "t2t.jsonl", [{"input": "a?", "output": "b"}])
+    write_jsonl(tmp_path / "conv.jsonl", [{"system": "s", "messages": [user("u"), assistant("a")]}])
+    (t2t,) = load_source(DataSource(uri="t2t.jsonl"), tmp_path)
+    (conv,) = load_source(DataSource(uri="conv.jsonl"), tmp_path)
+    assert t2t.messages == (user("a?"), assistant("b"))
+    assert conv.messages == (system("s"), user("u"), assistant("a"))
+
+
+def test_directory_source_reads_json_files_recursively_in_order() -> None:
+    examples = load("directory")
+    assert [e.origin for e in examples] == ["directory/b.jsonl:1", "directory/nested/a.json[0]"]
+    assert [e.reference for e in examples] == ["b", "a"]
+
+
+def test_absolute_and_file_uris(tmp_path: Path) -> None:
+    path = FIXTURES / "openai.jsonl"
+    absolute = load_source(DataSource(uri=str(path)), tmp_path)
+    with_scheme = load_source(DataSource(uri=f"file://{path}"), tmp_path)
+    relative = load("file://openai.jsonl")
+    assert [e.messages for e in absolute] == [e.messages for e in relative]
+    assert absolute == with_scheme
+    assert relative[0].origin == "openai.jsonl:1"
+
+
+def test_hub_uri_of_a_local_dataset_folder() -> None:
+    examples = load("hf://hub_dataset")
+    assert [e.messages for e in examples] == [
+        (user("Hub one?"), assistant("one")),
+        (user("Hub two?"), assistant("two")),
+    ]
+    assert examples[0].origin == "hf://hub_dataset[0]"
+
+
+def test_unreachable_hub_names_the_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import huggingface_hub.constants
+
+    # Offline mode fails at once instead of retrying an unreachable network.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as err:
+        load("hf://lmforge-tests/no-such-dataset@v1")
+    assert "hf://lmforge-tests/no-such-dataset@v1" in str(err.value)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_malformed_jsonl_lists_every_bad_line() -> None:
+    with pytest.raises(DataError) as err:
+        load("malformed/alpaca.jsonl")
+    message = str(err.value)
+    assert "malformed/alpaca.jsonl:line 2: field 'output': missing" in message
+    assert "malformed/alpaca.jsonl:line 3: field 'instruction': must be a string" in message
+    assert "malformed/alpaca.jsonl:line 4: not valid JSON" in message
+    assert "malformed/alpaca.jsonl:line 5: field 'output': must not be empty" in message
+    assert [(p.location, p.field) for p in err.value.problems] == [
+        ("line 2", "output"),
+        ("line 3", "instruction"),
+        ("line 4", ""),
+        ("line 5", "output"),
+    ]
+
+
+def test_malformed_json_names_record_index_and_field() -> None:
+    with pytest.raises(DataError) as err:
+        load("malformed/conversations.json")
+    found = {(p.location, p.field) for p in err.value.problems}
+    assert found == {
+        ("record 1", "messages[0].role"),
+        ("record 2", "messages[1].content"),
+        ("record 3", "messages"),
+        ("record 4", ""),
+    }
+    message = str(err.value)
+    assert "conversations.json:record 1: field 'messages[0].role': 'human' is not one of" in message
+    assert "must end with an assistant turn" in message
+
+
+def test_unknown_keys_name_the_file_the_keys_and_the_formats() -> None:
+    with pytest.raises(DataError) as err:
+        load("malformed/unknown.jsonl")
+    message = str(err.value)
+    assert "malformed/unknown.jsonl" in message
+    assert "['answer', 'question']" in message
+    assert "alpaca" in message and "sharegpt" in message
+
+
+def test_lmflow_type_must_be_known_and_agree_with_format() -> None:
+    with pytest.raises(DataError, match="'float_only' is not supported"):
+        load("malformed/lmflow_bad_type.json")
+    with pytest.raises(DataError, match="'conversation' contradicts the source's format 'alpaca'"):
+        load("lmflow_conversation.json", "alpaca")
+
+
+def test_unsupported_scheme_and_missing_path() -> None:
+    with pytest.raises(DataError, match=r"gs://bucket/data\.jsonl.*unsupported scheme"):
+        load("gs://bucket/data.jsonl")
+    with pytest.raises(DataError, match="no such file or directory"):
+        load("missing.jsonl")
+
+
+def test_problems_of_all_sources_come_in_one_error_capped_at_twenty(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "bad.jsonl", [{"instruction": f"q{i}"} for i in range(30)])
+    spec = DatasetSpec(
+        sources=[
+            DataSource(uri="bad.jsonl", format="alpaca"),
+            DataSource(uri=str(FIXTURES / "malformed")),
+        ]
+    )
+    with pytest.raises(DataError) as err:
+        load_examples(spec, tmp_path, seed=1)
+    problems = err.value.problems
+    assert len(problems) == 30 + 4 + 4 + 1 + 1
+    assert {Path(p.file).name for p in problems} >= {"bad.jsonl", "alpaca.jsonl", "unknown.jsonl"}
+    message = str(err.value)
+    assert message.count("field 'output': missing") == 20
+    assert f"... and {len(problems) - 20} more problems" in message
+
+
+# ---------------------------------------------------------------- mixing
+
+
+def _numbered_source(folder: Path, name: str, count: int) -> str:
+    write_jsonl(folder / name, [{"text": f"{name} {i}"} for i in range(count)])
+    return name
+
+
+def test_weights_repeat_and_sample_records(tmp_path: Path) -> None:
+    a = _numbered_source(tmp_path, "a.jsonl", 10)
+    b = _numbered_source(tmp_path, "b.jsonl", 4)
+    spec = DatasetSpec(sources=[DataSource(uri=a, weight=2.5), DataSource(uri=b, weight=0.5)])
+    train, evaluation = load_examples(spec, tmp_path, seed=7)
+    assert evaluation == []
+    counts = Counter(e.text for e in train)
+    a_counts = [counts[f"a.jsonl {i}"] for i in range(10)]
+    b_counts = [counts[f"b.jsonl {i}"] for i in range(4)]
+    assert sorted(a_counts) == [2] * 5 + [3] * 5
+    assert sorted(b_counts) == [0, 0, 1, 1]
+    assert len(train) == 27
+    again, _ = load_examples(spec, tmp_path, seed=7)
+    other, _ = load_examples(spec, tmp_path, seed=8)
+    assert again == train
+    assert [e.text for e in other] != [e.text for e in train]
+
+
+def test_eval_fraction_is_held_out_before_weighting(tmp_path: Path) -> None:
+    a = _numbered_source(tmp_path, "a.jsonl", 16)
+    b = _numbered_source(tmp_path, "b.jsonl", 4)
+    spec = DatasetSpec(
+        sources=[DataSource(uri=a, weight=2), DataSource(uri=b)],
+        eval_split=EvalSplit(fraction=0.25),
+    )
+    train, evaluation = load_examples(spec, tmp_path, seed=3)
+    assert len(evaluation) == 5
+    held = {e.text for e in evaluation}
+    assert not held & {e.text for e in train}
+    held_from_a = sum(text.startswith("a.jsonl") for text in held)
+    assert len(train) == (16 - held_from_a) * 2 + (4 - (5 - held_from_a))
+
+
+def test_eval_sources_are_used_whole(tmp_path: Path) -> None:
+    a = _numbered_source(tmp_path, "a.jsonl", 6)
+    e = _numbered_source(tmp_path, "e.jsonl", 3)
+    spec = DatasetSpec(
+        sources=[DataSource(uri=a)],
+        eval_split=EvalSplit(fraction=0.5, sources=[DataSource(uri=e)]),
+    )
+    train, evaluation = load_examples(spec, tmp_path, seed=0)
+    assert sorted(x.text for x in train) == sorted(f"a.jsonl {i}" for i in range(6))
+    assert sorted(x.text for x in evaluation) == [f"e.jsonl {i}" for i in range(3)]
+
+
+# ---------------------------------------------------------------- templates
+
+
+CHAT = Example(
+    messages=(
+        system("Be brief."),
+        user("Hi"),
+        assistant("Hello there"),
+        user("What is the capital of France?"),
+        assistant("Paris."),
+    )
+)
+
+
+def test_resolve_chat_template(tokenizer: Any) -> None:
+    assert resolve_chat_template("none", tokenizer) is None
+    assert resolve_chat_template("auto", tokenizer) == NAMED_TEMPLATES["chatml"]
+    assert resolve_chat_template("llama3", tokenizer) == NAMED_TEMPLATES["llama3"]
+    with_own = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)
+    with_own.chat_template = "{{ messages[0]['content'] }}"
+    assert resolve_chat_template("auto", with_own) == "{{ messages[0]['content'] }}"
+    with pytest.raises(ValueError, match="unknown chat template"):
+        resolve_chat_template("nope", tokenizer)
+
+
+def test_chatml_renders_the_known_layout(tokenizer: Any) -> None:
+    text = tokenizer.apply_chat_template(
+        [user("Hi")],
+        chat_template=NAMED_TEMPLATES["chatml"],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _labelled_runs(tokenizer: Any, record: dict[str, list[int]]) -> list[str]:
+    """Decoded text of each contiguous run of trained tokens."""
+    runs: list[list[int]] = []
+    previous = False
+    for label in record["labels"]:
+        if label != -100:
+            if not previous:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label != -100
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+@pytest.mark.parametrize(
+    ("template", "runs"),
+    [
+        ("chatml", ["Hello there<|im_end|>", "Paris.<|im_end|></s>"]),
+        ("qwen2", ["Hello there<|im_end|>", "Paris.<|im_end|></s>"]),
+        ("alpaca", ["Hello there</s>", "Paris.</s>"]),
+        ("zephyr", ["Hello there</s>", "Paris.</s>"]),
+        ("vicuna", ["Hello there</s>", "Paris.</s>"]),
+        ("mistral", ["Hello there</s>", "Paris.</s>"]),
+        ("gemma", ["Hello there<end_of_turn>", "Paris.<end_of_turn></s>"]),
+        ("llama3", ["Hello there<|eot_id|>", "Paris.<|eot_id|></s>"]),
+    ],
+)
+def test_labels_cover_only_assistant_turns(tokenizer: Any, template: str, runs: list[str]) -> None:
+    data = tokenize_examples(
+        [CHAT],
+        tokenizer,
+        chat_template=NAMED_TEMPLATES[template],
+        max_seq_length=512,
+        train_on_prompt=False,
+        packing=False,
+    )
+    (record,) = data.records
+    # Markers the tokenizer lacks (llama3, gemma) are plain text and still fully covered.
+    assert [run.strip() for run in _labelled_runs(tokenizer, record)] == runs
+    assert record["input_ids"][-1] == tokenizer.eos_token_id
+    assert data.stats["trainable_tokens"] == sum(label != -100 for label in record["labels"])
+
+
+def test_plain_concatenation_without_template(tokenizer: Any) -> None:
+    data = tokenize_examples(
+        [CHAT],
+        tokenizer,
+        chat_template=None,
+        max_seq_length=512,
+        train_on_prompt=False,
+        packing=False,
+    )
+    (record,) = data.records
+    text = tokenizer.decode(record["input_ids"], skip_special_tokens=False)
+    assert text == (
+        "<s>system: Be brief.\nuser: Hi\nassistant: Hello there\n"
+        "user: What is the capital of France?\nassistant: Paris.</s>"
+    )
+    assert [r.strip() for r in _labelled_runs(tokenizer, record)] == ["Hello there", "Paris.</s>"]
+
+
+def test_train_on_prompt_trains_every_token_but_the_first(tokenizer: Any) -> None:
+    data = tokenize_examples(
+        [CHAT],
+        tokenizer,
+        chat_template=NAMED_TEMPLATES["chatml"],
+        max_seq_length=512,
+        train_on_prompt=True,
+        packing=False,
+    )
+    (record,) = data.records
+    assert record["labels"][0] == -100
+    assert record["labels"][1:] == record["input_ids"][1:]
+
+
+def test_tools_reach_the_template(tokenizer: Any) -> None:
+    example = load("lmflow_conversation.json")[0]
+    data = tokenize_examples(
+        [example],
+        tokenizer,
+        chat_template=NAMED_TEMPLATES["qwen2"],
+        max_seq_length=1024,
+        train_on_prompt=False,
+        packing=False,
+    )
+    text = tokenizer.decode(data.records[0]["input_ids"])
+    assert '{"name": "add"' in text
+
+
+def test_text_examples_train_every_token_and_end_with_eos(tokenizer: Any) -> None:
+    data = tokenize_examples(
+        load("text.jsonl"),
+        tokenizer,
+        chat_template=None,
+        max_seq_length=512,
+        train_on_prompt=False,
+        packing=False,
+    )
+    for record in data.records:
+        assert record["input_ids"][0] == tokenizer.bos_token_id
+        assert record["input_ids"][-1] == tokenizer.eos_token_id
+        assert record["labels"][1:] == record["input_ids"][1:]
+    assert data.stats["records"] == 2
+    assert data.stats["truncated"] == 0
+
+
+def test_truncation_is_counted(tokenizer: Any) -> None:
+    examples = [Example(text="Rivers flow to the sea. " * 20), Example(text="Hi")]
+    data = tokenize_examples(
+        examples,
+        tokenizer,
+        chat_template=None,
+        max_seq_length=16,
+        train_on_prompt=False,
+        packing=False,
+    )
+    assert [len(r["input_ids"]) for r in data.records] == [16, len(data.records[1]["input_ids"])]
+    assert data.stats["truncated"] == 1
+    assert data.stats["truncated_fraction"] == 0.5
+    assert data.stats["max_length"] == 16
+    assert data.stats["tokens"] == sum(len(r["input_ids"]) for r in data.records)
+
+
+def test_records_left_without_an_answer_are_dropped(tokenizer: Any) -> None:
+    long_prompt = Example(messages=(user("Hello there " * 40), assistant("Paris.")))
+    data = tokenize_examples(
+        [long_prompt, CHAT],
+        tokenizer,
+        chat_template=NAMED_TEMPLATES["chatml"],
+        max_seq_length=40,
+        train_on_prompt=False,
+        packing=False,
+    )
+    assert data.stats["dropped"] == 1
+    assert data.stats["records"] == 1
+
+
+# ---------------------------------------------------------------- collation and packing
+
+
+def test_collator_pads_unpacked_batches(tokenizer: Any) -> None:
+    records = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8], "labels": [-100]},
+    ]
+    batch = DataCollator(tokenizer, pad_to_multiple_of=4)(records)
+    pad = tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[5, 6, 7, pad], [8, pad, pad, pad]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [-100, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_collator_pads_with_eos_when_there_is_no_pad_token(tokenizer: Any) -> None:
+    class NoPad:
+        pad_token_id = None
+        eos_token_id = tokenizer.eos_token_id
+
+    batch = DataCollator(NoPad())([{"input_ids": [5, 6]}, {"input_ids": [5]}])
+    assert batch["input_ids"][1, 1].item() == tokenizer.eos_token_id
+
+
+def test_packing_fills_sequences_and_restarts_positions(tokenizer: Any) -> None:
+    examples = [Example(text=f"Rivers flow to the sea {i}.") for i in range(10)]
+    data = tokenize_examples(
+        examples,
+        tokenizer,
+        chat_template=None,
+        max_seq_length=40,
+        train_on_prompt=False,
+        packing=True,
+    )
+    lengths = [len(r["input_ids"]) for r in data.records]
+    assert all(length <= 40 for length in lengths)
+    assert data.stats["packed_sequences"] == len(data.records) < len(examples)
+    assert sum(lengths) == data.stats["tokens"]
+    starts = sum(r["position_ids"].count(0) for r in data.records)
+    assert starts == len(examples)
+    for record in data.records:
+        for i, position in enumerate(record["position_ids"]):
+            if position == 0:
+                assert record["labels"][i] == -100  # never predicted across records
+
+
+def _tiny_llama(vocab_size: int, attn_implementation: str) -> Any:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        attn_implementation=attn_implementation,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_records_give_the_same_logits_as_alone(
+    tokenizer: Any, attn_implementation: str
+) -> None:
+    examples = [
+        CHAT,
+        Example(text="Rivers flow to the sea."),
+        Example(messages=(user("Capital of France?"), assistant("Paris."))),
+        Example(text="The quick brown fox jumps over the lazy dog."),
+        Example(messages=(user("Hi"), assistant("Hello"))),
+    ]
+    kwargs = {
+        "chat_template": NAMED_TEMPLATES["chatml"],
+        "max_seq_length": 96,
+        "train_on_prompt": False,
+    }
+    alone = tokenize_examples(examples, tokenizer, packing=False, **kwargs).records
+    packed = tokenize_examples(examples, tokenizer, packing=True, **kwargs).records
+    assert 1 < len(packed) < len(alone)
+    model = _tiny_llama(len(tokenizer), attn_implementation)
+    batch = DataCollator(tokenizer)(packed)
+    width = batch["input_ids"].shape[1]
+    assert batch["attention_mask"].shape == (len(packed), 1, width, width)
+    with torch.no_grad():
+        packed_logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
+        compared = 0
+        for row, record in enumerate(packed):
+            starts = [i for i, p in enumerate(record["position_ids"]) if p == 0]
+            ends = [*starts[1:], len(record["position_ids"])]
+            for start, end in zip(starts, ends, strict=True):
+                ids = torch.tensor([record["input_ids"][start:end]])
+                expected = model(input_ids=ids).logits[0]
+                torch.testing.assert_close(
+                    packed_logits[row, start:end], expected, atol=1e-4, rtol=0
+                )
+                assert alone[compared]["input_ids"] == record["input_ids"][start:end]
+                compared += 1
+    assert compared == len(alone)
+    # The loss sees the same targets packed or not.
+    trained_alone = sum(sum(label != -100 for label in r["labels"]) for r in alone)
+    assert (batch["labels"] != -100).sum().item() == trained_alone
+
+
+def test_block_mask_layout_with_padding(tokenizer: Any) -> None:
+    records = [
+        {
+            "input_ids": [5, 6, 7, 8, 9],
+            "labels": [-100, 6, 7, -100, 9],
+            "position_ids": [0, 1, 2, 0, 1],
+        },
+        {"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]},
+    ]
+    batch = DataCollator(tokenizer, mask_dtype=torch.bfloat16)(records)
+    mask = batch["attention_mask"]
+    assert mask.dtype == torch.bfloat16 and mask.shape == (2, 1, 5, 5)
+    allowed = (mask[:, 0] == 0).int().tolist()
+    assert allowed[0] == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
+    # Padding attends only to itself, so no row is fully masked.
+    assert allowed[1] == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 1],
+    ]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+    assert batch["labels"][1].tolist() == [-100, 6, -100, -100, -100]
+
+
+def test_collator_drives_a_trainer_step_on_packed_data(tokenizer: Any, tmp_path: Path) -> None:
+    examples = [CHAT, Example(text="Rivers flow to the sea."), *load("alpaca.json")]
+    data = tokenize_examples(
+        examples,
+        tokenizer,
+        chat_template=NAMED_TEMPLATES["chatml"],
+        max_seq_length=128,
+        train_on_prompt=False,
+        packing=True,
+    )
+    model = _tiny_llama(len(tokenizer), "sdpa")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data.records, data_collator=DataCollator(tokenizer)
+    )
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))

@@ -1,0 +1,88 @@
+"""Batch token records into tensors: padding, and block-diagonal masks for packed sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lmforge.trainer.data.tokenization import IGNORE
+
+
+class DataCollator:
+    """Pads a list of token records into a batch for a causal LM (a Trainer data_collator).
+
+    Unpacked records get right padding (the pad token, else EOS), labels padded with -100 and a
+    2-D attention_mask. Packed records (those with position_ids) get a 4-D additive mask
+    [batch, 1, L, L] holding 0 where a token may attend and the dtype's minimum elsewhere:
+    causal within each original record, nothing across records. transformers passes a 4-D
+    mask to the attention unchanged; the additive float form is the one that is correct for
+    both eager and sdpa attention (eager adds the mask to the scores, so a bool mask would be
+    silently wrong there). float32 works with fp32, fp16 and bf16 models alike; pass the
+    model's dtype as `mask_dtype` to halve the mask's memory and let fused SDPA kernels take it.
+    Flash-attention kernels take no 4-D mask at all.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        pad_to_multiple_of: int | None = None,
+        *,
+        mask_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        self.pad_token_id: int = pad if pad is not None else 0
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.mask_dtype = mask_dtype
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate records (lists or tensors of ints) into a batch of tensors."""
+        rows = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        lengths = [len(row) for row in rows]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (feature, row) in enumerate(zip(features, rows, strict=True)):
+            input_ids[i, : len(row)] = row
+            labels[i, : len(row)] = torch.as_tensor(feature.get("labels", row), dtype=torch.long)
+        batch = {"input_ids": input_ids, "labels": labels}
+
+        if "position_ids" not in features[0]:
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, length in enumerate(lengths):
+                attention_mask[i, :length] = 1
+            batch["attention_mask"] = attention_mask
+            return batch
+
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, feature in enumerate(features):
+            position_ids[i, : lengths[i]] = torch.as_tensor(feature["position_ids"])
+        batch["position_ids"] = position_ids
+        batch["attention_mask"] = block_causal_mask(position_ids, lengths, self.mask_dtype)
+        return batch
+
+
+def block_causal_mask(
+    position_ids: torch.Tensor, lengths: Sequence[int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Additive [batch, 1, L, L] mask: causal inside each record of a packed row, else blocked.
+
+    A record starts wherever its position id is 0. Padding attends only to itself, so that no
+    row of the mask is fully blocked (which gives NaNs in some attention kernels).
+    """
+    batch, width = position_ids.shape
+    starts = (position_ids == 0).long()
+    segments = starts.cumsum(dim=1)
+    for i, length in enumerate(lengths):
+        # Distinct negative ids make every padding position its own segment.
+        segments[i, length:] = -torch.arange(1, width - length + 1)
+    same_record = segments[:, :, None] == segments[:, None, :]
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    allowed = same_record & causal
+    mask = torch.zeros((batch, 1, width, width), dtype=dtype)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)

@@ -1,0 +1,212 @@
+"""Turn examples into token ids and loss labels (-100 = not trained), optionally packed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.trainer.data.examples import DataError, DataProblem, Example
+from lmforge.trainer.data.templates import PLAIN_TEMPLATE
+
+IGNORE = -100  # label of tokens the loss skips (PyTorch cross-entropy's ignore_index)
+
+
+@dataclass
+class TokenizedData:
+    """Token records ready for a data collator, and what tokenization did to the data.
+
+    Unpacked records have input_ids, labels and attention_mask; packed ones have input_ids,
+    labels and position_ids (restarting at 0 where each original record starts).
+    """
+
+    records: list[dict[str, list[int]]]
+    stats: dict[str, float | int] = field(default_factory=dict)
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    chat_template: str | None,
+    max_seq_length: int,
+    train_on_prompt: bool,
+    packing: bool,
+) -> TokenizedData:
+    """Tokenize examples for causal-LM training.
+
+    Text examples train on every token; conversations (`messages`, then `chosen` for preference
+    data) are rendered with `chat_template` (None: plain "role: content" lines) and train only on
+    the assistant turns unless `train_on_prompt`. EOS is appended when the rendering does not end
+    with it, records are truncated to `max_seq_length`, and records left without any trained
+    token are dropped (counted in stats["dropped"]) because they would only add a 0/0 loss.
+    """
+    problems: list[DataProblem] = []
+    encoded: list[tuple[list[int], list[int]]] = []
+    truncated = dropped = 0
+    for example in examples:
+        if example.text is not None:
+            ids, labels = _encode_text(example.text, tokenizer)
+        else:
+            pair = _encode_chat(example, tokenizer, chat_template, train_on_prompt, problems)
+            if pair is None:
+                continue
+            ids, labels = pair
+        if len(ids) > max_seq_length:
+            truncated += 1
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        # Nothing predicts a record's first token; leaving it unlabelled also keeps a packed
+        # record from being trained to predict the start of the next one.
+        labels[0] = IGNORE
+        if all(label == IGNORE for label in labels):
+            dropped += 1
+            continue
+        encoded.append((ids, labels))
+    if problems:
+        raise DataError(problems)
+
+    lengths = [len(ids) for ids, _ in encoded]
+    stats: dict[str, float | int] = {
+        "records": len(encoded),
+        "dropped": dropped,
+        "tokens": sum(lengths),
+        "trainable_tokens": sum(sum(label != IGNORE for label in labels) for _, labels in encoded),
+        "truncated": truncated,
+        "truncated_fraction": truncated / len(examples) if examples else 0.0,
+        "max_length": max(lengths, default=0),
+        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
+    }
+    if packing:
+        records = pack(encoded, max_seq_length)
+        stats["packed_sequences"] = len(records)
+    else:
+        records = [
+            {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+            for ids, labels in encoded
+        ]
+    return TokenizedData(records=records, stats=stats)
+
+
+def pack(
+    encoded: Sequence[tuple[list[int], list[int]]], max_seq_length: int
+) -> list[dict[str, list[int]]]:
+    """Greedily concatenate records, in order, into sequences of at most max_seq_length tokens."""
+    packed: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ids, labels in encoded:
+        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_seq_length:
+            packed.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ids
+        current["labels"] += labels
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        packed.append(current)
+    return packed
+
+
+def _encode_text(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = _with_eos(ids, tokenizer)
+    return ids, list(ids)
+
+
+def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
+    """Append EOS so the model learns to stop (unless the text already ends with it)."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        return [*ids, eos]
+    return ids
+
+
+def _encode_chat(
+    example: Example,
+    tokenizer: Any,
+    chat_template: str | None,
+    train_on_prompt: bool,
+    problems: list[DataProblem],
+) -> tuple[list[int], list[int]] | None:
+    messages = [dict(message) for message in example.messages + example.chosen]
+    tools = [dict(tool) for tool in example.tools] or None
+    template = chat_template if chat_template is not None else PLAIN_TEMPLATE
+
+    def render(conversation: list[dict[str, str]], generation_prompt: bool) -> str:
+        text = tokenizer.apply_chat_template(
+            conversation,
+            tools=tools,
+            chat_template=template,
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
+        )
+        return str(text)
+
+    try:
+        full = render(messages, False)
+        spans = _assistant_spans(messages, full, render)
+    except Exception as err:  # a template may refuse a conversation (raise_exception in Jinja)
+        problems.append(
+            DataProblem(example.origin or "<example>", "", "messages", f"chat template: {err}")
+        )
+        return None
+    # Trailing whitespace after the last turn would only be an untrained token before EOS.
+    text = full.rstrip()
+    # Named templates write bos_token themselves; plain concatenation relies on the tokenizer.
+    encoding = tokenizer(
+        text, add_special_tokens=chat_template is None, return_offsets_mapping=True
+    )
+    ids = list(encoding["input_ids"])
+    offsets = encoding["offset_mapping"]
+    labels = list(ids) if train_on_prompt else _label_spans(ids, offsets, spans)
+    with_eos = _with_eos(ids, tokenizer)
+    if len(with_eos) > len(ids):
+        ends_with_answer = messages[-1]["role"] == "assistant"
+        labels.append(with_eos[-1] if train_on_prompt or ends_with_answer else IGNORE)
+    return with_eos, labels
+
+
+def _assistant_spans(
+    messages: list[dict[str, str]], full: str, render: Any
+) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns (content + end-of-turn marker) in `full`.
+
+    A turn's span is what rendering messages[:i+1] adds to messages[:i] rendered with the
+    generation prompt, so it covers exactly what the model must generate after that prompt.
+    """
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        after = render(messages[: i + 1], False)
+        before = render(messages[:i], True) if i > 0 else ""
+        if i > 0 and after.startswith(before) and full.startswith(after):
+            start, end = len(before), len(after)
+        else:
+            # Templates that rewrite earlier turns: find the content itself.
+            start = full.find(message["content"], cursor)
+            if start < 0:
+                continue
+            end = start + len(message["content"])
+        while start < end and full[start].isspace():
+            start += 1
+        while end > start and full[end - 1].isspace():
+            end -= 1
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _label_spans(
+    ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """Labels = ids where a token overlaps an assistant span, IGNORE elsewhere."""
+    labels = [IGNORE] * len(ids)
+    span = 0
+    for t, (start, end) in enumerate(offsets):
+        while span < len(spans) and spans[span][1] <= start:
+            span += 1
+        if span == len(spans):
+            break
+        if end > start and start < spans[span][1] and end > spans[span][0]:
+            labels[t] = ids[t]
+    return labels

@@ -1,0 +1,220 @@
+"""The FinetuneJob recipe: continued pretraining or SFT, full or parameter-efficient.
+
+    load tokenizer -> load + validate data -> tokenize -> load model -> apply method
+    -> score before -> train (resuming from the last complete checkpoint) -> score after
+    -> export final/ (+ merged/), metrics.json, loss.png, model card
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+
+from lmforge.api.runconfig import RunConfig
+from lmforge.trainer import checkpoints, export
+from lmforge.trainer.data import (
+    DataCollator,
+    load_examples,
+    resolve_chat_template,
+    tokenize_examples,
+)
+from lmforge.trainer.evaluate import exact_match_accuracy, perplexity
+from lmforge.trainer.launch import rank
+from lmforge.trainer.loop import (
+    AdaLoraCallback,
+    AtomicCheckpointTrainer,
+    LisaCallback,
+    ProgressCallback,
+    TimedCheckpointCallback,
+    training_arguments,
+)
+from lmforge.trainer.model import (
+    apply_method,
+    load_model,
+    load_tokenizer,
+    parameter_counts,
+    resolve_precision,
+)
+from lmforge.trainer.progress import ProgressReporter
+
+log = logging.getLogger(__name__)
+
+
+def planned_steps(config: RunConfig, records: int) -> int:
+    """Optimizer steps the run will take (for schedules that need it up front)."""
+    training = config.spec.training
+    if training.max_steps is not None:
+        return training.max_steps
+    per_step = training.batch_size.global_ or 1
+    return max(1, math.ceil(records / per_step) * math.ceil(training.epochs or 1))
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Train, evaluate and export one FinetuneJob run; returns its metrics."""
+    started = time.monotonic()
+    spec = config.spec
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    main = rank() == 0
+    set_seed(spec.training.seed)
+
+    tokenizer = load_tokenizer(config.paths.model, spec.model.trust_remote_code)
+    template = resolve_chat_template(spec.model.chat_template, tokenizer)
+    train_examples, eval_examples = load_examples(
+        spec.dataset, Path(config.paths.data or "."), seed=spec.training.seed
+    )
+    tokenize = {
+        "tokenizer": tokenizer,
+        "chat_template": template,
+        "max_seq_length": spec.dataset.max_seq_length,
+        "train_on_prompt": spec.dataset.train_on_prompt or spec.task == "continued-pretraining",
+        "packing": spec.dataset.packing,
+    }
+    train_data = tokenize_examples(train_examples, **tokenize)
+    eval_data = tokenize_examples(eval_examples, **tokenize) if eval_examples else None
+    if main:
+        stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
+        export.write_json(out / "data-stats.json", stats)
+        log.info("data: %s", _describe_stats(train_data.stats, eval_data and eval_data.stats))
+
+    precision = resolve_precision(spec.training.precision)
+    model = load_model(
+        config.paths.model,
+        method=spec.method,
+        training=spec.training,
+        precision=precision,
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    steps = planned_steps(config, len(train_data.records))
+    model = apply_method(model, spec.method, steps)
+    trainable, total = parameter_counts(model)
+    log.info("method %s: %d of %d parameters trainable", spec.method.type, trainable, total)
+
+    scoring = spec.evaluation.metric == "exact-match" and bool(eval_examples) and main
+
+    def score() -> float | None:
+        if not scoring:
+            return None
+        return exact_match_accuracy(
+            model,
+            tokenizer,
+            eval_examples,
+            chat_template=template,
+            max_new_tokens=spec.evaluation.max_new_tokens,
+            max_samples=spec.evaluation.max_samples,
+        )
+
+    accuracy_before = score()
+    if accuracy_before is not None:
+        log.info("exact-match accuracy before training: %.1f%%", 100 * accuracy_before)
+
+    reporter = (
+        ProgressReporter(out, config.name, config.namespace, config.metrics_port) if main else None
+    )
+    callbacks: list[Any] = [ProgressCallback(reporter)]
+    if spec.checkpoint.every_minutes:
+        callbacks.append(TimedCheckpointCallback(spec.checkpoint.every_minutes))
+    if spec.method.type == "lisa":
+        callbacks.append(
+            LisaCallback(
+                model, spec.method.lisa.active_layers, spec.method.lisa.interval_steps,
+                spec.training.seed,
+            )
+        )
+    if spec.method.type == "adalora":
+        callbacks.append(AdaLoraCallback(model))
+    args = training_arguments(config, precision, model, has_eval=eval_data is not None)
+    trainer = AtomicCheckpointTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data.records,
+        eval_dataset=eval_data.records if eval_data else None,
+        data_collator=DataCollator(tokenizer),
+        callbacks=callbacks,
+    )
+    trainer.keep_checkpoints = spec.checkpoint.keep
+
+    checkpoints_dir = out / "checkpoints"
+    if main:
+        checkpoints.clear_staging(checkpoints_dir)
+    resume = None
+    if spec.checkpoint.resume == "auto":
+        resume = checkpoints.latest_complete_checkpoint(checkpoints_dir)
+        if resume is not None:
+            log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_data is not None else None
+    accuracy_after = score()
+    if accuracy_after is not None:
+        log.info("exact-match accuracy after training: %.1f%%", 100 * accuracy_after)
+
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "perplexity": perplexity(eval_loss),
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens_per_second": _tokens_per_second(trainer, started),
+        "wall_time_seconds": round(time.monotonic() - started, 2),
+        "peak_memory_bytes": _peak_memory(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
+    }
+    if accuracy_after is not None:
+        metrics |= {"exact_match_before": accuracy_before, "exact_match": accuracy_after}
+    if main:
+        _export(config, trainer, tokenizer, template, metrics)
+        assert reporter is not None
+        reporter.update(
+            step=trainer.state.global_step,
+            total_steps=trainer.state.global_step,
+            epoch=trainer.state.epoch,
+            eval_loss=eval_loss,
+            force=True,
+        )
+        reporter.finish({"output": str(out / "final"), "step": trainer.state.global_step,
+                         "metrics": {k: v for k, v in metrics.items() if v is not None}})
+    return metrics
+
+
+def _export(
+    config: RunConfig, trainer: Any, tokenizer: Any, template: str | None, metrics: dict[str, Any]
+) -> None:
+    out = config.output_dir
+    final = export.save_final(trainer.model, tokenizer, template, out)
+    if config.spec.method.merge_on_export:
+        export.save_merged(config.paths.model, final, tokenizer, out)
+    export.write_model_card(config, final, metrics)
+    export.plot_loss(trainer.state.log_history, out / "loss.png")
+    export.write_json(out / "metrics.json", metrics)
+    log.info("final %s written to %s", export.output_kind(config), final)
+
+
+def _tokens_per_second(trainer: Any, started: float) -> float | None:
+    tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
+    seconds = time.monotonic() - started
+    return round(tokens / seconds, 2) if tokens and seconds > 0 else None
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _describe_stats(train: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
+    text = (
+        f"{train.get('records')} training records, {train.get('tokens')} tokens "
+        f"({train.get('trainable_tokens')} trained), {train.get('truncated')} truncated"
+    )
+    if evaluation:
+        text += f"; {evaluation.get('records')} eval records"
+    return text

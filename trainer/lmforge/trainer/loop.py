@@ -1,0 +1,269 @@
+"""The training loop: transformers' Trainer with LMForge's checkpoints, progress and methods."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lmforge.api.runconfig import RunConfig
+from lmforge.trainer import checkpoints
+from lmforge.trainer.model import Precision
+from lmforge.trainer.progress import ProgressReporter
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw-8bit": "adamw_bnb_8bit",
+    "paged-adamw-8bit": "paged_adamw_8bit",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+}
+SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constant-with-warmup": "constant_with_warmup",
+    "polynomial": "polynomial",
+}
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class AtomicCheckpointTrainer(Trainer):
+    """A Trainer whose checkpoints appear only when complete (see `checkpoints`)."""
+
+    keep_checkpoints: int = 2
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        final_dir = Path(self.args.output_dir)
+        staging = final_dir / checkpoints.STAGING
+        # Let the Trainer write everything (weights, optimizer, scheduler, RNG of every
+        # rank, trainer state) into the staging folder, then publish it in one rename.
+        object.__setattr__(self.args, "output_dir", str(staging))
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            object.__setattr__(self.args, "output_dir", str(final_dir))
+        _barrier()
+        if self.args.should_save:
+            staged = staging / f"{checkpoints.PREFIX}{self.state.global_step}"
+            published = checkpoints.publish(staged, final_dir)
+            checkpoints.prune(final_dir, self.keep_checkpoints)
+            log.info("checkpoint complete: %s", published)
+        _barrier()
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class ProgressCallback(TrainerCallback):
+    """Feeds the Trainer's logs into the progress channel (rank 0 only)."""
+
+    def __init__(self, reporter: ProgressReporter | None) -> None:
+        self.reporter = reporter
+        self.first_step: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.first_step = state.global_step
+        if self.reporter is not None:
+            self.reporter.started = time.monotonic()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if self.reporter is None or not state.is_world_process_zero:
+            return
+        logs = logs or {}
+        self.reporter.update(
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=state.epoch,
+            loss=logs.get("loss"),
+            eval_loss=logs.get("eval_loss"),
+            learning_rate=logs.get("learning_rate"),
+            tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0) or None,
+            steps_this_session=state.global_step - (self.first_step or 0),
+        )
+
+
+class TimedCheckpointCallback(TrainerCallback):
+    """Checkpoint every N minutes; rank 0's clock decides for all ranks (no deadlock)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.last = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        due = torch.tensor([int(time.monotonic() - self.last >= self.seconds)])
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(due, src=0)
+        if due.item():
+            control.should_save = True
+            self.last = time.monotonic()
+
+
+class LisaCallback(TrainerCallback):
+    """Layerwise Importance Sampled AdamW (LMFlow's LISA).
+
+    Embeddings and the head always train; every `interval` steps a new random set
+    of `active` transformer layers is unfrozen and the others are frozen. The
+    choice is seeded by the step, so every rank picks the same layers.
+    """
+
+    def __init__(self, model: torch.nn.Module, active: int, interval: int, seed: int) -> None:
+        self.layers = _decoder_layers(model)
+        self.active = min(active, len(self.layers))
+        self.interval, self.seed = interval, seed
+
+    def switch(self, step: int) -> list[int]:
+        chosen = sorted(random.Random(self.seed * 1_000_003 + step).sample(
+            range(len(self.layers)), self.active))
+        for i, layer in enumerate(self.layers):
+            for p in layer.parameters():
+                p.requires_grad_(i in chosen)
+        return chosen
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step % self.interval == 0:
+            chosen = self.switch(state.global_step)
+            log.debug("LISA step %d: training layers %s", state.global_step, chosen)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError("LISA needs a model with a `layers` ModuleList of decoder layers")
+
+
+class AdaLoraCallback(TrainerCallback):
+    """AdaLoRA reallocates ranks from the gradients after every optimizer step."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+# ---------------------------------------------------------------- distributed strategies
+
+
+def deepspeed_config(strategy: str) -> dict[str, Any]:
+    """DeepSpeed config for zero2 / zero3 / zero3-offload; 'auto' values come from the Trainer."""
+    stage = 2 if strategy == "zero2" else 3
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if stage == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    if strategy == "zero3-offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+def fsdp_arguments(layer_class: str, gradient_checkpointing: bool) -> dict[str, Any]:
+    """Trainer arguments for fully sharded data parallel, wrapping each decoder layer."""
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "transformer_layer_cls_to_wrap": [layer_class],
+            "use_orig_params": True,  # PEFT: frozen and trainable params in one unit
+            "sync_module_states": True,
+            "activation_checkpointing": gradient_checkpointing,
+        },
+    }
+
+
+def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """Trainer arguments for the resolved distributed strategy."""
+    strategy = config.spec.distributed.strategy
+    cuda = torch.cuda.is_available()
+    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo"}
+    if config.processes == 1 or strategy == "ddp":
+        return args
+    if strategy == "fsdp":
+        layer = type(_decoder_layers(model)[0]).__name__
+        return args | fsdp_arguments(layer, config.spec.training.gradient_checkpointing)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            f"distributed.strategy {strategy} needs DeepSpeed, which is not installed in this "
+            "image; use the LMForge trainer image or `pip install deepspeed`"
+        ) from None
+    return args | {"deepspeed": deepspeed_config(strategy)}
+
+
+def training_arguments(
+    config: RunConfig, precision: Precision, model: torch.nn.Module, has_eval: bool
+) -> TrainingArguments:
+    """Trainer arguments from the resolved run config."""
+    spec = config.spec
+    training, ckpt = spec.training, spec.checkpoint
+    out = config.output_dir
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
+    eval_every = training.eval_every_steps
+    kwargs: dict[str, Any] = {
+        "output_dir": str(out / "checkpoints"),
+        "per_device_train_batch_size": training.batch_size.per_device,
+        "per_device_eval_batch_size": training.batch_size.per_device,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": training.learning_rate,
+        "lr_scheduler_type": SCHEDULERS[training.scheduler],
+        "warmup_steps": training.warmup_ratio,
+        "weight_decay": training.weight_decay,
+        "max_grad_norm": training.max_grad_norm,
+        "optim": OPTIMIZERS[training.optimizer],
+        "seed": training.seed,
+        "data_seed": training.seed,
+        "gradient_checkpointing": training.gradient_checkpointing,
+        "logging_steps": training.logging_every_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if ckpt.every_steps else "no",
+        "save_steps": ckpt.every_steps or 500,
+        "save_total_limit": None,  # AtomicCheckpointTrainer prunes complete checkpoints
+        "eval_strategy": ("steps" if eval_every else "epoch") if has_eval else "no",
+        "eval_steps": eval_every,
+        "report_to": ["tensorboard"],
+        "include_num_input_tokens_seen": "non_padding",
+        "remove_unused_columns": False,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": not torch.cuda.is_available(),
+        "ddp_find_unused_parameters": spec.method.type in ("lisa", "prefix-tuning"),
+        "disable_tqdm": not os.isatty(2),
+        **precision.trainer_flags,
+        **strategy_arguments(config, model),
+    }
+    if training.max_steps is not None:
+        kwargs["max_steps"] = training.max_steps
+    else:
+        kwargs["num_train_epochs"] = training.epochs
+    return TrainingArguments(**kwargs)

@@ -1,0 +1,208 @@
+"""Loading the base model and turning it into what the tuning method trains."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from lmforge.api.common import RopeScaling, TrainingSpec, TuningMethod
+
+log = logging.getLogger(__name__)
+
+
+class MethodError(ValueError):
+    """The tuning method cannot be applied to this model or on this machine."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Resolved numeric precision of a run."""
+
+    name: str  # bf16 | fp16 | fp32
+    load_dtype: torch.dtype
+
+    @property
+    def trainer_flags(self) -> dict[str, bool]:
+        return {"bf16": self.name == "bf16", "fp16": self.name == "fp16"}
+
+
+def resolve_precision(requested: str) -> Precision:
+    """`auto`: bf16 on GPUs that support it, fp32 on CPU (bf16 autocast there is slow)."""
+    cuda = torch.cuda.is_available()
+    name = requested
+    if requested == "auto":
+        name = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if name in ("bf16", "fp16") and not cuda:
+        log.warning("precision %s needs a GPU; training in fp32 on CPU", name)
+        name = "fp32"
+    # Weights stay fp32 for mixed precision; the trainer autocasts.
+    return Precision(name, torch.float32)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def rope_parameters(config: Any, scaling: RopeScaling) -> dict[str, Any]:
+    """RoPE parameters that stretch the trained context by `scaling.factor`."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update({"rope_type": scaling.type, "factor": scaling.factor})
+    if scaling.type == "yarn":
+        params["original_max_position_embeddings"] = config.max_position_embeddings
+    return params
+
+
+def load_model(
+    path: str,
+    *,
+    method: TuningMethod,
+    training: TrainingSpec,
+    precision: Precision,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load the base model with quantization and RoPE scaling applied."""
+    kwargs: dict[str, Any] = {"dtype": precision.load_dtype, "trust_remote_code": trust_remote_code}
+    if method.type == "qlora":
+        kwargs["quantization_config"] = _bitsandbytes_config(method)
+    if training.rope_scaling is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config.rope_parameters = rope_parameters(config, training.rope_scaling)
+        config.max_position_embeddings = int(
+            config.max_position_embeddings * training.rope_scaling.factor
+        )
+        kwargs["config"] = config
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if training.gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def _bitsandbytes_config(method: TuningMethod) -> Any:
+    quant = method.quantization
+    assert quant is not None  # the API requires it for qlora
+    if not torch.cuda.is_available():
+        raise MethodError(
+            f"method.type qlora loads the base model in {quant.bits}-bit through bitsandbytes, "
+            "which needs a CUDA GPU; this machine has none. Use method.type lora here, or run "
+            "the job on a GPU node."
+        )
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, quant.compute_dtype)
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+# ---------------------------------------------------------------- target modules
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of the linear layers an adapter can target (lm_head excluded)."""
+    names = set()
+    for full, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in (
+            "Linear4bit",
+            "Linear8bitLt",
+        )
+        if is_linear and not full.endswith("lm_head"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """`all-linear` or names that exist; otherwise fail at once listing what exists."""
+    if targets == ["all-linear"]:
+        return "all-linear"
+    available = linear_module_names(model)
+    all_names = {full.rsplit(".", 1)[-1] for full, _ in model.named_modules()}
+    missing = [t for t in targets if t not in all_names]
+    if missing:
+        raise MethodError(
+            f"method.lora.targetModules: {', '.join(missing)} not found in the model; "
+            f"its linear modules are: {', '.join(available)} (or use all-linear)"
+        )
+    return targets
+
+
+# ---------------------------------------------------------------- PEFT
+
+
+def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int) -> nn.Module:
+    """Wrap the model for the tuning method; full and lisa train the model itself."""
+    if method.type in ("full", "lisa"):
+        return model
+    import peft
+
+    lora = method.lora
+    if method.type in ("lora", "qlora", "dora", "adalora", "ia3"):
+        targets = check_target_modules(model, lora.target_modules)
+    config: Any
+    if method.type in ("lora", "qlora", "dora"):
+        config = peft.LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            use_dora=method.type == "dora",
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    elif method.type == "adalora":
+        config = peft.AdaLoraConfig(
+            init_r=method.adalora.initial_rank,
+            target_r=method.adalora.target_rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            total_step=max(total_steps, 2),
+            tinit=0,
+            tfinal=0,
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    elif method.type == "ia3":
+        ia3_targets = None if targets == "all-linear" else targets
+        ffn = None
+        if ia3_targets is not None:
+            ffn = [t for t in ia3_targets if any(k in t for k in ("mlp", "down", "fc", "ffn"))]
+        config = peft.IA3Config(
+            target_modules=ia3_targets,
+            feedforward_modules=ffn,
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    elif method.type == "prefix-tuning":
+        config = peft.PrefixTuningConfig(
+            num_virtual_tokens=method.virtual_tokens.num_virtual_tokens,
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    elif method.type == "prompt-tuning":
+        config = peft.PromptTuningConfig(
+            num_virtual_tokens=method.virtual_tokens.num_virtual_tokens,
+            task_type=peft.TaskType.CAUSAL_LM,
+        )
+    else:  # pragma: no cover - the API enum is exhaustive
+        raise MethodError(f"method.type {method.type} is not supported")
+    if method.type == "qlora":
+        model = peft.prepare_model_for_kbit_training(model)
+    return peft.get_peft_model(model, config)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
