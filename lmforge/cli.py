@@ -68,8 +68,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  adapter: {out / 'final'}")
     print(f"  metrics: {out / 'metrics.json'}, loss curve: {out / 'loss.png'}")
     if isinstance(before, float) and isinstance(after, float):
-        print(f"  held-out exact-match accuracy: {100 * before:.1f}% before -> "
-              f"{100 * after:.1f}% after fine-tuning")
+        print(
+            f"  held-out exact-match accuracy: {100 * before:.1f}% before -> "
+            f"{100 * after:.1f}% after fine-tuning"
+        )
     return 0
 
 

@@ -59,7 +59,9 @@ def resolve_local_model(source: ModelSource, base: Path, runs: Path, field: str)
     return resolve_local_uri(source.source, base, f"{field}.source")
 
 
-def local_run_config(job: FinetuneJob, yaml_path: Path, output: Path | None, runs: Path) -> RunConfig:
+def local_run_config(
+    job: FinetuneJob, yaml_path: Path, output: Path | None, runs: Path
+) -> RunConfig:
     """The run config `lmforge run` hands to the trainer."""
     base = yaml_path.resolve().parent
     out = (output or job_output_dir(job.kind, job.name, runs)).resolve()

@@ -65,9 +65,12 @@ def write_job(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
     return write
 
 
-def lmforge(*args: str, cwd: Path, timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
+def lmforge(
+    *args: str, cwd: Path, timeout: float = 600, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     """Run the real `lmforge` console script."""
     exe = shutil.which("lmforge", path=str(Path(sys.executable).parent)) or "lmforge"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([exe, *args], cwd=cwd, text=True, capture_output=True,
-                          timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [exe, *args], cwd=cwd, text=True, capture_output=True, timeout=timeout, env=env, **kw
+    )

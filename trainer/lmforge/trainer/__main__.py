@@ -66,8 +66,9 @@ def run(config_path: Path) -> int:
         config = RunConfig.load(config_path)
     except ValueError as err:
         return fail(EXIT_BAD_CONFIG, "InvalidRunConfig", str(err))
-    command = torchrun_command(config_path, config.spec.distributed.processes_per_node or 1,
-                               os.environ)
+    command = torchrun_command(
+        config_path, config.spec.distributed.processes_per_node or 1, os.environ
+    )
     if command:
         return subprocess.call(command)
 

@@ -1,8 +1,8 @@
 """The FinetuneJob recipe: continued pretraining or SFT, full or parameter-efficient.
 
-    load tokenizer -> load + validate data -> tokenize -> load model -> apply method
-    -> score before -> train (resuming from the last complete checkpoint) -> score after
-    -> export final/ (+ merged/), metrics.json, loss.png, model card
+load tokenizer -> load + validate data -> tokenize -> load model -> apply method
+-> score before -> train (resuming from the last complete checkpoint) -> score after
+-> export final/ (+ merged/), metrics.json, loss.png, model card
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     if spec.method.type == "lisa":
         callbacks.append(
             LisaCallback(
-                model, spec.method.lisa.active_layers, spec.method.lisa.interval_steps,
+                model,
+                spec.method.lisa.active_layers,
+                spec.method.lisa.interval_steps,
                 spec.training.seed,
             )
         )
@@ -150,7 +152,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         if resume is not None:
             log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_data is not None else None
+    eval_loss = _final_eval_loss(trainer) if eval_data is not None else None
     accuracy_after = score()
     if accuracy_after is not None:
         log.info("exact-match accuracy after training: %.1f%%", 100 * accuracy_after)
@@ -161,7 +163,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "perplexity": perplexity(eval_loss),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "tokens_per_second": _tokens_per_second(trainer, started),
+        "tokens_per_second": _tokens_per_second(trainer, result.metrics.get("train_runtime")),
         "wall_time_seconds": round(time.monotonic() - started, 2),
         "peak_memory_bytes": _peak_memory(),
         "trainable_parameters": trainable,
@@ -180,8 +182,13 @@ def run(config: RunConfig) -> dict[str, Any]:
             eval_loss=eval_loss,
             force=True,
         )
-        reporter.finish({"output": str(out / "final"), "step": trainer.state.global_step,
-                         "metrics": {k: v for k, v in metrics.items() if v is not None}})
+        reporter.finish(
+            {
+                "output": str(out / "final"),
+                "step": trainer.state.global_step,
+                "metrics": {k: v for k, v in metrics.items() if v is not None},
+            }
+        )
     return metrics
 
 
@@ -198,10 +205,18 @@ def _export(
     log.info("final %s written to %s", export.output_kind(config), final)
 
 
-def _tokens_per_second(trainer: Any, started: float) -> float | None:
+def _final_eval_loss(trainer: Any) -> float:
+    """Eval loss at the last step: reuse the Trainer's own end-of-epoch evaluation if it ran."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return float(entry["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def _tokens_per_second(trainer: Any, train_seconds: float | None) -> float | None:
+    """Training throughput (non-padding input tokens over all processes per second)."""
     tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
-    seconds = time.monotonic() - started
-    return round(tokens / seconds, 2) if tokens and seconds > 0 else None
+    return round(tokens / train_seconds, 2) if tokens and train_seconds else None
 
 
 def _peak_memory() -> int:

@@ -19,7 +19,9 @@ def under_torchrun(env: Mapping[str, str]) -> bool:
     return "LOCAL_RANK" in env and "WORLD_SIZE" in env
 
 
-def torchrun_command(config_path: Path, processes_per_node: int, env: Mapping[str, str]) -> list[str]:
+def torchrun_command(
+    config_path: Path, processes_per_node: int, env: Mapping[str, str]
+) -> list[str]:
     """The torchrun command for this node, or [] when one plain process will do."""
     nnodes = int(env.get("NNODES", "1"))
     nproc = int(env.get("NPROC_PER_NODE", processes_per_node))

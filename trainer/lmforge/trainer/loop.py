@@ -126,8 +126,9 @@ class LisaCallback(TrainerCallback):
         self.interval, self.seed = interval, seed
 
     def switch(self, step: int) -> list[int]:
-        chosen = sorted(random.Random(self.seed * 1_000_003 + step).sample(
-            range(len(self.layers)), self.active))
+        chosen = sorted(
+            random.Random(self.seed * 1_000_003 + step).sample(range(len(self.layers)), self.active)
+        )
         for i, layer in enumerate(self.layers):
             for p in layer.parameters():
                 p.requires_grad_(i in chosen)
@@ -205,9 +206,10 @@ def fsdp_arguments(layer_class: str, gradient_checkpointing: bool) -> dict[str, 
 def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     """Trainer arguments for the resolved distributed strategy."""
     strategy = config.spec.distributed.strategy
-    cuda = torch.cuda.is_available()
-    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo"}
-    if config.processes == 1 or strategy == "ddp":
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return {}
+    args: dict[str, Any] = {"ddp_backend": "nccl" if torch.cuda.is_available() else "gloo"}
+    if strategy == "ddp":
         return args
     if strategy == "fsdp":
         layer = type(_decoder_layers(model)[0]).__name__
@@ -244,7 +246,7 @@ def training_arguments(
         "optim": OPTIMIZERS[training.optimizer],
         "seed": training.seed,
         "data_seed": training.seed,
-        "gradient_checkpointing": training.gradient_checkpointing,
+        "activation_checkpointing": training.gradient_checkpointing,
         "logging_steps": training.logging_every_steps,
         "logging_first_step": True,
         "save_strategy": "steps" if ckpt.every_steps else "no",

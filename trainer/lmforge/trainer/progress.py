@@ -106,8 +106,13 @@ class PodAnnotationSink:
         if not force and time.monotonic() - self.last < self.every:
             return
         self.last = time.monotonic()
-        body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: progress.model_dump_json(
-            by_alias=True, exclude_none=True)}}}
+        body = {
+            "metadata": {
+                "annotations": {
+                    PROGRESS_ANNOTATION: progress.model_dump_json(by_alias=True, exclude_none=True)
+                }
+            }
+        }
         try:
             self.api.patch_namespaced_pod(self.pod, self.namespace, body)
         except Exception as err:  # progress must never kill training
