@@ -32,7 +32,7 @@ def job_output_dir(kind: str, name: str, runs: Path = DEFAULT_RUNS) -> Path:
 
 
 def resolve_local_uri(uri: str, base: Path, field: str) -> str:
-    """Local path (absolute) for file:// and relative paths; hf:// stays; cluster-only schemes fail."""
+    """Absolute local path for file:// and relative paths; hf:// stays; cluster schemes fail."""
     if uri.startswith("hf://"):
         return uri
     if uri.startswith(("pvc://", "s3://")):

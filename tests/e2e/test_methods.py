@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from lmforge.trainer.finetune import run
+from lmforge.trainer.model import MethodError
 
 from lmforge.api.validation import load_file
 from lmforge.local import local_run_config
-from lmforge.trainer.finetune import run
-from lmforge.trainer.model import MethodError
 
 pytestmark = pytest.mark.slow
 

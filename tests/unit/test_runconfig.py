@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from lmforge.trainer.launch import torchrun_command
+from lmforge.trainer.loop import deepspeed_config, fsdp_arguments
 
 from lmforge.api.runconfig import RUN_CONFIG_VERSION, RunConfig, resolve_run_config
 from lmforge.api.validation import parse_object
 from lmforge.local import LocalRunError, local_run_config
-from lmforge.trainer.launch import torchrun_command
-from lmforge.trainer.loop import deepspeed_config, fsdp_arguments
 from tests.catalogue import BASE
 
 
@@ -73,17 +73,27 @@ def test_cluster_only_locations_fail_locally(tmp_path: Path) -> None:
     with pytest.raises(LocalRunError, match=r"spec.model.source: pvc:// .* file://"):
         local_run_config(job, tmp_path / "j.yaml", None, tmp_path)
     job = _job(model={"fromJob": {"name": "sft"}})
-    with pytest.raises(LocalRunError, match="spec.model.fromJob: FinetuneJob sft .* run it first"):
+    with pytest.raises(LocalRunError, match=r"spec.model.fromJob: FinetuneJob sft .* run it first"):
         local_run_config(job, tmp_path / "j.yaml", None, tmp_path)
 
 
 def test_torchrun_command_from_operator_environment() -> None:
-    env = {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "8", "MASTER_ADDR": "job-0.job",
-           "MASTER_PORT": "29500"}
+    env = {
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "NPROC_PER_NODE": "8",
+        "MASTER_ADDR": "job-0.job",
+        "MASTER_PORT": "29500",
+    }
     cmd = torchrun_command(Path("/etc/lmforge/run.json"), 8, env)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    assert {"--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=job-0.job",
-            "--master-port=29500"} <= set(cmd)
+    assert {
+        "--nproc-per-node=8",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=job-0.job",
+        "--master-port=29500",
+    } <= set(cmd)
     assert cmd[-4:] == ["lmforge.trainer", "run", "--config", "/etc/lmforge/run.json"]
     assert torchrun_command(Path("r.json"), 1, {}) == []  # one process: no torchrun
     assert "--standalone" in torchrun_command(Path("r.json"), 2, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,13 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmforge.trainer.progress import TERMINATION_LOG
+
 from lmforge.api.runconfig import (
     EXIT_BAD_CONFIG,
     EXIT_BAD_DATA,
     EXIT_OUT_OF_MEMORY,
     RunConfig,
 )
-from lmforge.trainer.progress import TERMINATION_LOG
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,10 +54,8 @@ def fail(code: int, reason: str, message: str) -> int:
     """Report a user-facing failure: stderr, and the pod's termination message."""
     print(f"error: {message}", file=sys.stderr)
     if TERMINATION_LOG.exists():
-        try:
+        with contextlib.suppress(OSError):
             TERMINATION_LOG.write_text(json.dumps({"reason": reason, "message": message[:3500]}))
-        except OSError:
-            pass
     return code
 
 
@@ -73,7 +73,6 @@ def run(config_path: Path) -> int:
         return subprocess.call(command)
 
     import torch
-
     from lmforge.trainer.data import DataError
     from lmforge.trainer.finetune import run as finetune
     from lmforge.trainer.model import MethodError

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
 from lmforge.trainer.data import Example
 
 

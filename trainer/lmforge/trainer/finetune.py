@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
-
-from lmforge.api.runconfig import RunConfig
 from lmforge.trainer import checkpoints, export
 from lmforge.trainer.data import (
     DataCollator,
@@ -43,6 +40,9 @@ from lmforge.trainer.model import (
     resolve_precision,
 )
 from lmforge.trainer.progress import ProgressReporter
+from transformers import set_seed
+
+from lmforge.api.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainingArguments
-
-from lmforge.api.runconfig import RunConfig
 from lmforge.trainer import checkpoints
 from lmforge.trainer.model import Precision
 from lmforge.trainer.progress import ProgressReporter
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lmforge.api.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 

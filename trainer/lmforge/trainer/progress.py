@@ -16,6 +16,7 @@ Rank 0 publishes one `Progress` report (the same model as the job's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -193,10 +194,8 @@ class ProgressReporter:
         if len(message) > TERMINATION_LIMIT:  # keep what the operator needs most
             message = json.dumps({k: summary[k] for k in ("output", "step") if k in summary})
         if TERMINATION_LOG.exists():  # mounted by the kubelet; never created elsewhere
-            try:
+            with contextlib.suppress(OSError):
                 TERMINATION_LOG.write_text(message)
-            except OSError:
-                pass
         if self.prometheus is not None:
             self.prometheus.close()
 
