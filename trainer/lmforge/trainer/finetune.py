@@ -169,6 +169,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
+        "world_size": trainer.args.world_size,
     }
     if accuracy_after is not None:
         metrics |= {"exact_match_before": accuracy_before, "exact_match": accuracy_after}

@@ -1,0 +1,134 @@
+"""Crash recovery and multi-process training, through the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lmforge.api.validation import load_file
+from lmforge.local import local_run_config
+from lmforge.trainer import checkpoints
+from tests.e2e.conftest import lmforge
+
+pytestmark = pytest.mark.slow
+NO_EVAL = {"evalSplit": {"sources": []}}
+
+
+def test_sigkill_then_resume_auto(write_job: Callable[..., Path], tmp_path: Path) -> None:
+    path = write_job(
+        "resume",
+        dataset=NO_EVAL,
+        training={"maxSteps": 40, "batchSize": {"perDevice": 8}},
+        checkpoint={"everySteps": 5, "keep": 2},
+    )
+    out = tmp_path / "out"
+    ckpts = out / "checkpoints"
+    exe = str(Path(sys.executable).parent / "lmforge")
+    proc = subprocess.Popen(
+        [exe, "run", str(path), "--output", str(out)],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    latest = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = checkpoints.latest_complete_checkpoint(ckpts)
+        if latest is not None and checkpoints.checkpoint_step(latest) >= 10:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest is not None, "no checkpoint was written before the deadline"
+    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
+    killed_at = checkpoints.checkpoint_step(checkpoints.latest_complete_checkpoint(ckpts))
+    assert killed_at is not None and killed_at < 40
+
+    # A checkpoint damaged after the fact must be skipped, not resumed from.
+    damaged = ckpts / "checkpoint-999"
+    shutil.copytree(ckpts / f"checkpoint-{killed_at}", damaged)
+    weights = next(damaged.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    rerun = lmforge("run", str(path), "--output", str(out), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == killed_at
+    assert metrics["steps"] == 40
+    assert "skipping incomplete checkpoint" in rerun.stderr and "checkpoint-999" in rerun.stderr
+
+
+def test_ddp_two_cpu_processes(write_job: Callable[..., Path], tmp_path: Path) -> None:
+    path = write_job(
+        "ddp",
+        dataset=NO_EVAL,
+        distributed={"gpusPerNode": 0, "processesPerNode": 2},
+        training={"maxSteps": 4, "batchSize": {"perDevice": 4, "global": 16}},
+    )
+    out = tmp_path / "out"
+    proc = lmforge("run", str(path), "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["spec"]["training"]["batchSize"] == {"perDevice": 4, "global": 16}
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_nodes_on_localhost(write_job: Callable[..., Path], tmp_path: Path) -> None:
+    """Two 'pods' started the way the operator starts them: the torchrun environment only."""
+    path = write_job(
+        "twonode",
+        dataset=NO_EVAL,
+        distributed={"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1},
+        training={"maxSteps": 3, "batchSize": {"perDevice": 4}},
+    )
+    (job,) = load_file(path)
+    config = local_run_config(job, path, tmp_path / "out", tmp_path / "runs")
+    config.output_dir.mkdir(parents=True)
+    config_path = tmp_path / "run.json"
+    config.dump(config_path)
+    port = _free_port()
+    nodes = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "NNODES": "2",
+            "NODE_RANK": str(rank),
+            "NPROC_PER_NODE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        nodes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "lmforge.trainer", "run", "--config", str(config_path)],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    metrics = json.loads((config.output_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
