@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from lmforge.trainer import checkpoints
 
 from lmforge.api.validation import load_file
 from lmforge.local import local_run_config
-from lmforge.trainer import checkpoints
 from tests.e2e.conftest import lmforge
 
 pytestmark = pytest.mark.slow
