@@ -228,6 +228,7 @@ class Cluster:
                 "--cidr=10.0.0.1/24",
                 "--node-ip=10.0.0.1",
                 f"--server-address=127.0.0.1:{ports['kwok']}",
+                f"--config={HERE / 'kwok' / 'pod-stages.yaml'}",
             ],
         )
 
