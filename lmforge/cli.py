@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_YAML = Path(__file__).resolve().parents[1] / "examples" / "finetunejob-tiny.yaml"
-DEMO_MODEL = DEFAULT_RUNS / "models" / "tiny-llama"
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "examples" / "finetunejob-tiny.yaml"
+DEMO_MODEL = REPO / DEFAULT_RUNS / "models" / "tiny-llama"  # the YAML's model.source
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -54,8 +56,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (DEMO_MODEL / "config.json").exists():
         print(f"building a tiny Llama-architecture model with random weights in {DEMO_MODEL}")
         build_tiny_model(DEMO_MODEL)
+    # A fresh run every time (a rerun would otherwise resume the finished one).
+    shutil.rmtree(REPO / DEFAULT_RUNS / "finetunejob" / "tiny-demo", ignore_errors=True)
     try:
-        (out,) = run_file(DEMO_YAML)
+        (out,) = run_file(DEMO_YAML, runs=REPO / DEFAULT_RUNS)
     except (InvalidObject, LocalRunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -71,7 +75,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  held-out exact-match accuracy: {100 * before:.1f}% before -> "
             f"{100 * after:.1f}% after fine-tuning"
         )
+    print("  what it learned (held-out prompts, greedy answers of final/):")
+    for prompt, answer in _demo_answers(out / "final"):
+        print(f"    {prompt:<22} -> {answer}")
     return 0
+
+
+def _demo_answers(adapter: Path, count: int = 4) -> list[tuple[str, str]]:
+    """Answers of the fine-tuned adapter to the first held-out prompts."""
+    import json
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    lines = (DEMO_YAML.parent / "data" / "tiny-task-eval.jsonl").read_text().splitlines()
+    answers = []
+    for line in lines[:count]:
+        prompt = json.loads(line)["messages"][0]["content"]
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                do_sample=False,
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        answers.append((prompt, str(answer).strip()))
+    return answers
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,15 +6,23 @@ import json
 import urllib.request
 from pathlib import Path
 
-from lmforge.api.kinds import Progress
 from lmforge.trainer.progress import ProgressReporter
+
+from lmforge.api.kinds import Progress
 
 
 def test_reports_reach_file_and_prometheus(tmp_path: Path) -> None:
     reporter = ProgressReporter(tmp_path, "demo-job", "team-a", metrics_port=0)
     try:
-        reporter.update(step=10, total_steps=40, epoch=0.5, loss=1.25, learning_rate=1e-4,
-                        tokens_seen=5000, steps_this_session=10)
+        reporter.update(
+            step=10,
+            total_steps=40,
+            epoch=0.5,
+            loss=1.25,
+            learning_rate=1e-4,
+            tokens_seen=5000,
+            steps_this_session=10,
+        )
         report = Progress.model_validate(json.loads((tmp_path / "progress.json").read_text()))
         assert (report.step, report.total_steps, report.percent) == (10, 40, 25)
         assert report.loss == 1.25 and report.eta_seconds is not None

@@ -1,0 +1,163 @@
+"""The operator's cluster I/O: server-side apply, reads, status patches, events.
+
+Everything that talks to the API server lives here or in the handlers; the
+decisions live in `render` and `lifecycle` (pure). Requests go through the
+kubernetes client's authenticated transport as plain JSON (no model classes),
+so objects stay the dicts the renderers produce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from lmforge.operator.render import LABEL_ATTEMPT, LABEL_KIND, LABEL_NAME, MANAGED_BY
+
+from lmforge.api.base import GROUP, VERSION
+from lmforge.api.kinds import KINDS
+
+log = logging.getLogger(__name__)
+
+# API paths of the kinds the operator reads and writes.
+_PATHS = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Service": ("/api/v1", "services"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Pod": ("/api/v1", "pods"),
+    "Event": ("/api/v1", "events"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+}
+_PATHS |= {kind: (f"/apis/{GROUP}/{VERSION}", cls.plural) for kind, cls in KINDS.items()}
+
+
+def collection_path(kind: str, namespace: str) -> str:
+    prefix, resource = _PATHS[kind]
+    return f"{prefix}/namespaces/{namespace}/{resource}"
+
+
+def object_path(kind: str, namespace: str, name: str) -> str:
+    return f"{collection_path(kind, namespace)}/{name}"
+
+
+class Kube:
+    """A small facade over the API server for what the operator needs."""
+
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or client.ApiClient()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        """One authenticated request; raises ApiException for error statuses."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        prepared = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*prepared[:4], _request_timeout=timeout)
+        response.read()  # type: ignore[no-untyped-call]
+        data = response.data or b""
+        if response.status >= 400:
+            raise ApiException(status=response.status, reason=response.reason, http_resp=response)
+        return dict(json.loads(data)) if data else {}
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", object_path(kind, namespace, name))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list_objects(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        data = self.request(
+            "GET", collection_path(kind, namespace), query=[("labelSelector", selector)]
+        )
+        return list(data.get("items", []))
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply (create or converge) with the operator as field manager."""
+        meta = obj["metadata"]
+        return self.request(
+            "PATCH",
+            object_path(obj["kind"], meta["namespace"], meta["name"]),
+            query=[("fieldManager", MANAGED_BY), ("force", "true")],
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.request(
+            "PATCH",
+            object_path(kind, namespace, name) + "/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self.request(
+                "DELETE",
+                object_path(kind, namespace, name),
+                body={"propagationPolicy": "Background"},
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def jobs_of(self, kind: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Every batch/v1 Job (all attempts) of a training job."""
+        return self.list_objects("Job", namespace, f"{LABEL_KIND}={kind},{LABEL_NAME}={name}")
+
+    def pods_of(self, kind: str, namespace: str, name: str, attempt: int) -> list[dict[str, Any]]:
+        selector = f"{LABEL_KIND}={kind},{LABEL_NAME}={name},{LABEL_ATTEMPT}={attempt}"
+        return self.list_objects("Pod", namespace, selector)
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the job, as `kubectl describe` and `kubectl events` show them."""
+        meta = obj["metadata"]
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": MANAGED_BY},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.request("POST", collection_path("Event", meta["namespace"]), body=body)
+        except ApiException as err:  # events are best effort
+            log.warning("could not record event %s on %s: %s", reason, meta["name"], err.reason)

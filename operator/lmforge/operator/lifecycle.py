@@ -1,0 +1,368 @@
+"""Pure lifecycle decisions: from what the cluster shows to the job's status and next step.
+
+`observe` gathers nothing itself: the handler passes in the child Job of the
+current attempt, its pods and the referenced job (for fromJob). `decide`
+returns the status to write, the events to record and the one action to take.
+Terminal states never change again (no flapping).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OUT_OF_MEMORY
+
+PROGRESS_ANNOTATION = "lmforge.io/progress"
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class Failure(StrEnum):
+    """Why a pod failed, and so whether retrying can help."""
+
+    OUT_OF_MEMORY = "OOMKilled"
+    DISRUPTED = "Disrupted"  # evicted, preempted, node lost: not the job's fault
+    RENDEZVOUS_TIMEOUT = "RendezvousTimeout"
+    BAD_DATA = "BadData"
+    BAD_CONFIG = "InvalidConfiguration"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    CRASHED = "Crashed"
+
+    @property
+    def retryable(self) -> bool:
+        return self not in (Failure.BAD_DATA, Failure.BAD_CONFIG, Failure.DEADLINE_EXCEEDED)
+
+
+_RENDEZVOUS_MARKERS = ("nccl", "rendezvous", "watchdog caught collective", "timed out", "c10d")
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        state = status.get("state", {}).get("terminated")
+        if state:
+            return dict(state)
+    return {}
+
+
+def classify_pod_failure(pod: dict[str, Any]) -> tuple[Failure, str]:
+    """Class and a one-line explanation of a failed pod.
+
+    Reads, in order: disruption conditions and eviction reasons (node lost,
+    preemption, eviction), the container's termination reason (OOMKilled), its
+    exit code (the trainer's codes for bad data/config/OOM), and the termination
+    message (NCCL / rendezvous timeouts).
+    """
+    status = pod.get("status", {})
+    name = pod.get("metadata", {}).get("name", "pod")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return Failure.DISRUPTED, (
+                f"{name} was disrupted ({cond.get('reason', 'Disruption')}): "
+                f"{cond.get('message', '')}".rstrip(": ")
+            )
+    if status.get("reason") in ("Evicted", "Preempting", "NodeLost", "Terminated", "Shutdown"):
+        return Failure.DISRUPTED, f"{name}: {status.get('reason')}: {status.get('message', '')}"
+    state = _terminated(pod)
+    reason, code = state.get("reason", ""), state.get("exitCode")
+    message = (state.get("message") or "").strip()
+    detail = _termination_detail(message)
+    if reason == "OOMKilled" or code == EXIT_OUT_OF_MEMORY or "out of memory" in message.lower():
+        return Failure.OUT_OF_MEMORY, f"{name} ran out of memory ({reason or code}){detail}"
+    if code == EXIT_BAD_DATA:
+        return Failure.BAD_DATA, f"{name}: bad training data{detail}"
+    if code == EXIT_BAD_CONFIG:
+        return Failure.BAD_CONFIG, f"{name}: invalid configuration{detail}"
+    if any(marker in message.lower() for marker in _RENDEZVOUS_MARKERS):
+        return Failure.RENDEZVOUS_TIMEOUT, f"{name}: rendezvous/NCCL timeout{detail}"
+    return Failure.CRASHED, f"{name} exited with code {code} ({reason or 'Error'}){detail}"
+
+
+def _termination_detail(message: str) -> str:
+    if not message:
+        return ""
+    try:
+        parsed = json.loads(message)
+        message = str(parsed.get("message", message))
+    except (ValueError, AttributeError):
+        pass
+    return f": {message.splitlines()[0][:300]}" if message else ""
+
+
+# ---------------------------------------------------------------- decisions
+
+
+class Action(StrEnum):
+    NONE = "none"
+    APPLY = "apply"  # create or converge the children of the current attempt
+    RESTART = "restart"  # next attempt: status first, then a fresh Job (all ranks)
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    action: Action = Action.NONE
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the handler read from the cluster for one job."""
+
+    generation: int
+    status: dict[str, Any]
+    backoff_limit: int
+    suspend: bool
+    queued: bool
+    dependency: dict[str, Any] | None = None  # referenced job (fromJob), None when not used
+    dependency_name: str = ""
+    workload: dict[str, Any] | None = None  # the batch/v1 Job of the current attempt
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    output_uri: str = ""
+    output_kind: str = "adapter"
+    now: str = ""
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    at: str,
+) -> list[dict[str, Any]]:
+    """Upsert a condition; lastTransitionTime changes only when status flips."""
+    value = "True" if status else "False"
+    out = [c for c in conditions if c.get("type") != type_]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    changed = old is None or old.get("status") != value
+    out.append(
+        {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": at
+            if changed or old is None
+            else old.get("lastTransitionTime", at),
+            "observedGeneration": generation,
+        }
+    )
+    return sorted(out, key=lambda c: c["type"])
+
+
+def _job_condition(workload: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in workload.get("status", {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The rank-0 pod's latest progress report (the trainer annotates its own pod)."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
+        text = (pod["metadata"].get("annotations") or {}).get(PROGRESS_ANNOTATION)
+        if text:
+            try:
+                return dict(json.loads(text))
+            except ValueError:
+                continue
+    return None
+
+
+def _final_metrics(pods: list[dict[str, Any]]) -> dict[str, float]:
+    for pod in pods:
+        message = _terminated(pod).get("message") or ""
+        try:
+            summary = json.loads(message)
+        except ValueError:
+            continue
+        metrics = summary.get("metrics") if isinstance(summary, dict) else None
+        if isinstance(metrics, dict):
+            return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return {}
+
+
+class _Status:
+    """Builder for the next status (keeps conditions and timestamps consistent)."""
+
+    def __init__(self, obs: Observed) -> None:
+        self.obs = obs
+        self.data = dict(obs.status)
+        self.data.setdefault("restarts", 0)
+        self.data["observedGeneration"] = obs.generation
+        self.events: list[tuple[str, str, str]] = []
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.data["conditions"] = set_condition(
+            self.data.get("conditions") or [],
+            type_,
+            status,
+            reason,
+            message,
+            self.obs.generation,
+            self.obs.now,
+        )
+
+    def phase(self, phase: str, reason: str, message: str, event: bool = True) -> None:
+        previous = self.obs.status.get("phase")
+        self.data["phase"] = phase
+        in_progress = phase not in TERMINAL_PHASES and phase != "Suspended"
+        self.condition("Reconciling", in_progress, reason, message)
+        self.condition("Ready", phase == "Succeeded", reason, message)
+        self.condition("Suspended", phase == "Suspended", reason, message)
+        if phase in TERMINAL_PHASES:
+            self.condition("Succeeded", phase == "Succeeded", reason, message)
+            self.condition("Failed", phase == "Failed", reason, message)
+            self.condition("Stalled", phase == "Failed", reason, message)
+            self.data.setdefault("completionTime", self.obs.now)
+        if event and previous != phase:
+            kind = "Warning" if phase == "Failed" else "Normal"
+            self.events.append((kind, reason, f"{previous or 'New'} -> {phase}: {message}"))
+
+    def decision(self, action: Action = Action.NONE) -> Decision:
+        return Decision(self.data, action, self.events)
+
+
+def decide(obs: Observed) -> Decision:
+    """The next status and action for a training job."""
+    status = _Status(obs)
+    if obs.status.get("phase") in TERMINAL_PHASES:
+        return status.decision()  # terminal: only observedGeneration may move
+
+    dependency = _check_dependency(obs, status)
+    if dependency is not None:
+        return dependency
+
+    workload = obs.workload
+    if workload is None:
+        if obs.suspend:
+            status.phase("Suspended", "Suspended", "runPolicy.suspend is set; no pods run")
+        else:
+            status.phase("Pending", "Creating", "creating the training workload")
+        return status.decision(Action.APPLY)
+
+    if (cond := _job_condition(workload, "Complete")) or _job_condition(
+        workload, "SuccessCriteriaMet"
+    ):
+        status.data["output"] = {"uri": obs.output_uri, "kind": obs.output_kind}
+        metrics = _final_metrics(obs.pods)
+        if metrics:
+            status.data["metrics"] = metrics
+        progress = status.data.get("progress") or {}
+        if progress.get("totalSteps"):
+            progress |= {"step": progress["totalSteps"], "percent": 100, "etaSeconds": 0}
+            status.data["progress"] = progress
+        status.data["completionTime"] = (cond or {}).get("lastTransitionTime") or obs.now
+        status.phase("Succeeded", "TrainingSucceeded", f"output written to {obs.output_uri}")
+        return status.decision(Action.APPLY)
+
+    failed = _job_condition(workload, "Failed") or _job_condition(workload, "FailureTarget")
+    if failed:
+        return _handle_failure(obs, status, failed)
+
+    return _running(obs, status)
+
+
+def _check_dependency(obs: Observed, status: _Status) -> Decision | None:
+    if obs.dependency_name == "":
+        return None
+    dep = obs.dependency
+    if dep is None:
+        status.phase(
+            "Pending",
+            "WaitingForModel",
+            f"waiting for {obs.dependency_name}, which does not exist yet",
+        )
+        return status.decision()
+    phase = (dep.get("status") or {}).get("phase")
+    if phase == "Failed":
+        status.phase("Failed", "ModelJobFailed", f"{obs.dependency_name} failed; no model to train")
+        return status.decision()
+    if phase != "Succeeded":
+        status.phase(
+            "Pending",
+            "WaitingForModel",
+            f"waiting for {obs.dependency_name} to succeed (now {phase or 'Pending'})",
+        )
+        return status.decision()
+    return None
+
+
+def _handle_failure(obs: Observed, status: _Status, failed: dict[str, Any]) -> Decision:
+    if failed.get("reason") == "DeadlineExceeded":
+        status.phase(
+            "Failed",
+            Failure.DEADLINE_EXCEEDED.value,
+            f"runPolicy.activeDeadlineSeconds exceeded: {failed.get('message', '')}",
+        )
+        return status.decision()
+    failed_pods = [p for p in obs.pods if p.get("status", {}).get("phase") == "Failed"]
+    if failed_pods:
+        failure, message = classify_pod_failure(failed_pods[0])
+    else:
+        failure, message = Failure.CRASHED, failed.get("message") or "the workload failed"
+    if not failure.retryable:
+        status.phase("Failed", failure.value, message)
+        return status.decision()
+    restarts = int(status.data.get("restarts", 0))
+    if restarts >= obs.backoff_limit:
+        status.phase(
+            "Failed",
+            "BackoffLimitExceeded",
+            f"{message}; gave up after {restarts} restarts (runPolicy.backoffLimit)",
+        )
+        return status.decision()
+    status.data["restarts"] = restarts + 1
+    status.condition(
+        "Restarting",
+        True,
+        failure.value,
+        f"restart {restarts + 1} of {obs.backoff_limit}: {message}",
+    )
+    status.events.append(
+        (
+            "Warning",
+            failure.value,
+            f"restarting all ranks from the last checkpoint "
+            f"({restarts + 1}/{obs.backoff_limit}): {message}",
+        )
+    )
+    status.phase("Pending", "Restarting", message, event=False)
+    return status.decision(Action.RESTART)
+
+
+def _running(obs: Observed, status: _Status) -> Decision:
+    spec = obs.workload.get("spec", {}) if obs.workload else {}
+    if spec.get("suspend"):
+        if obs.suspend:
+            status.phase("Suspended", "Suspended", "runPolicy.suspend is set; checkpoints are kept")
+        else:
+            status.phase(
+                "Pending",
+                "Queued",
+                "waiting for Kueue to admit the workload"
+                if obs.queued
+                else "waiting for the workload to start",
+            )
+        return status.decision(Action.APPLY)
+    pods = [p for p in obs.pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
+    running = [p for p in pods if p["status"].get("phase") == "Running"]
+    expected = int(spec.get("parallelism", 1))
+    progress = _progress(obs.pods)
+    if progress:
+        status.data["progress"] = progress
+    if running and len(running) >= expected:
+        status.data.setdefault("startTime", obs.now)
+        status.condition("Restarting", False, "Running", "all ranks are running")
+        status.phase("Running", "Training", f"{len(running)} of {expected} pods running")
+    else:
+        status.phase("Initializing", "PodsStarting", f"{len(running)} of {expected} pods running")
+    return status.decision(Action.APPLY)
