@@ -29,7 +29,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate a YAML file and run its jobs on this machine."""
     try:
-        outputs = run_file(Path(args.file), Path(args.output) if args.output else None)
+        outputs = run_file(
+            Path(args.file),
+            Path(args.output) if args.output else None,
+            metrics_port=args.metrics_port,
+        )
     except InvalidObject as err:
         print(err.render(), file=sys.stderr)
         return 1
@@ -127,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run FinetuneJob YAML on this machine (no cluster)")
     run.add_argument("file", help="YAML file with one or more jobs, run in order")
     run.add_argument("--output", help="output folder (default ./lmforge-runs/<kind>/<name>)")
+    run.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics of the run on this port"
+    )
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run the newcomer's demo")
     demo.set_defaults(func=cmd_demo)

@@ -60,7 +60,11 @@ def resolve_local_model(source: ModelSource, base: Path, runs: Path, field: str)
 
 
 def local_run_config(
-    job: FinetuneJob, yaml_path: Path, output: Path | None, runs: Path
+    job: FinetuneJob,
+    yaml_path: Path,
+    output: Path | None,
+    runs: Path,
+    metrics_port: int | None = None,
 ) -> RunConfig:
     """The run config `lmforge run` hands to the trainer."""
     base = yaml_path.resolve().parent
@@ -71,14 +75,21 @@ def local_run_config(
         output=str(out),
         data=str(base),
         resolve_data_uri=lambda uri: resolve_local_uri(uri, base, "spec.dataset.sources[].uri"),
+        metrics_port=metrics_port,
     )
 
 
-def run_job(obj: KubernetesObject, yaml_path: Path, output: Path | None, runs: Path) -> Path:
+def run_job(
+    obj: KubernetesObject,
+    yaml_path: Path,
+    output: Path | None,
+    runs: Path,
+    metrics_port: int | None = None,
+) -> Path:
     """Run one job to completion here; returns its output folder."""
     if not isinstance(obj, FinetuneJob):
         raise LocalRunError(f"{obj.kind} {obj.name}: only FinetuneJob runs locally in this version")
-    config = local_run_config(obj, yaml_path, output, runs)
+    config = local_run_config(obj, yaml_path, output, runs, metrics_port)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     config_path = config.output_dir / "run.json"
     config.dump(config_path)
@@ -93,12 +104,17 @@ def run_job(obj: KubernetesObject, yaml_path: Path, output: Path | None, runs: P
     return config.output_dir
 
 
-def run_file(path: Path, output: Path | None = None, runs: Path = DEFAULT_RUNS) -> list[Path]:
+def run_file(
+    path: Path,
+    output: Path | None = None,
+    runs: Path = DEFAULT_RUNS,
+    metrics_port: int | None = None,
+) -> list[Path]:
     """Validate a YAML file and run every job in it, in order."""
     objects = load_file(path)
     if output is not None and len(objects) > 1:
         raise LocalRunError("--output needs a file with a single job")
-    return [run_job(obj, path, output, runs) for obj in objects]
+    return [run_job(obj, path, output, runs, metrics_port) for obj in objects]
 
 
 def read_metrics(output: Path) -> dict[str, object]:

@@ -132,3 +132,24 @@ def test_two_nodes_on_localhost(write_job: Callable[..., Path], tmp_path: Path) 
         assert node.returncode == 0, output[-3000:]
     metrics = json.loads((config.output_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
+
+
+def test_bad_data_is_reported_before_training(
+    write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "h"}, {"role": "assistant", "content": "y"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n'
+        '{"messages": "not a list"}\n'
+    )
+    path = write_job(
+        "bad",
+        dataset={"sources": [{"uri": str(bad), "format": "openai"}], "evalSplit": {"sources": []}},
+    )
+    proc = lmforge("run", str(path), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "bad.jsonl:line 2: field 'messages[1].role'" in proc.stderr
+    assert "bad.jsonl:line 3: field 'messages'" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()

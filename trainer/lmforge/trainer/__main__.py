@@ -46,8 +46,8 @@ def setup_logging() -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def fail(code: int, reason: str, message: str) -> int:
