@@ -79,6 +79,19 @@ NODES = (
 )
 
 
+STORAGE_CLASS = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {
+        "name": "standard",
+        "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+    },
+    "provisioner": "kubernetes.io/host-path",
+    "reclaimPolicy": "Delete",
+    "volumeBindingMode": "Immediate",
+}
+
+
 class Cluster:
     """One control plane whose state, certificates, logs and pids live in `root`."""
 
@@ -205,6 +218,9 @@ class Cluster:
                 f"--cluster-signing-key-file={self.pki / 'ca.key'}",
                 "--leader-elect=false",
                 "--controllers=*",
+                # Dynamic provisioning for PVCs without a storage system: hostPath
+                # volumes under /tmp, for testing only (see the default StorageClass).
+                "--enable-hostpath-provisioner=true",
                 "--v=1",
             ],
         )
@@ -233,7 +249,7 @@ class Cluster:
         )
 
     def _add_nodes(self) -> None:
-        items = [n.manifest() for n in NODES]
+        items: list[dict] = [n.manifest() for n in NODES] + [STORAGE_CLASS]
         self.kubectl(
             "apply",
             "-f",

@@ -135,12 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="serve Prometheus metrics of the run on this port"
     )
     run.set_defaults(func=cmd_run)
+    # `lmforge operator ...` is dispatched before parsing (its flags are its own).
+    sub.add_parser("operator", help="run the operator (see `lmforge operator --help`)")
     demo = sub.add_parser("demo", help="run the newcomer's demo")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        from lmforge.operator.main import main as operator_main
+
+        return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -262,7 +262,7 @@ def decide(obs: Observed) -> Decision:
             status.data["progress"] = progress
         status.data["completionTime"] = (cond or {}).get("lastTransitionTime") or obs.now
         status.phase("Succeeded", "TrainingSucceeded", f"output written to {obs.output_uri}")
-        return status.decision(Action.APPLY)
+        return status.decision()
 
     failed = _job_condition(workload, "Failed") or _job_condition(workload, "FailureTarget")
     if failed:

@@ -1,0 +1,149 @@
+"""`lmforge operator`: kopf handlers wired to the reconciler, behind leader election.
+
+The handlers are thin: every event (on a job, on its batch/v1 Jobs, on its pods)
+and a periodic resync call the same idempotent `Reconciler.reconcile`. kopf is
+used for watching only: no kopf annotations or status fields are written
+(`on.event` handlers keep no progress state), so the CRDs' schemas stay ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+import kopf
+from kubernetes import config as kube_config
+from lmforge.operator.kube import Kube
+from lmforge.operator.leader import LeaderElection
+from lmforge.operator.metrics import OperatorMetrics, serve
+from lmforge.operator.reconcile import Reconciler
+from lmforge.operator.render import LABEL_KIND, LABEL_NAME, OperatorSettings
+
+from lmforge.api.base import GROUP, VERSION
+from lmforge.api.kinds import KINDS
+
+log = logging.getLogger("lmforge.operator")
+
+# Kinds whose workloads the operator runs. AlignmentJob joins once its trainer exists:
+# the reconciler and renderers are generic over the kind already.
+MANAGED_KINDS = ("FinetuneJob",)
+
+
+def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegistry:
+    """A kopf registry whose handlers all funnel into `reconciler`."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    def reconcile_quietly(kind: str, namespace: str, name: str) -> None:
+        try:
+            reconciler.reconcile(kind, namespace, name)
+        except Exception:
+            log.exception("reconcile of %s %s/%s failed; will retry", kind, namespace, name)
+
+    def job_handlers(kind: str) -> tuple[Any, Any]:
+        def on_event(**kw: Any) -> None:
+            if kw["type"] != "DELETED":
+                reconcile_quietly(kind, kw["namespace"], kw["name"])
+
+        def on_resync(**kw: Any) -> None:
+            reconcile_quietly(kind, kw["namespace"], kw["name"])
+
+        return on_event, on_resync
+
+    for kind in MANAGED_KINDS:
+        plural = KINDS[kind].plural
+        on_event, on_resync = job_handlers(kind)
+        kopf.on.event(GROUP, VERSION, plural, registry=registry)(on_event)
+        kopf.timer(
+            GROUP,
+            VERSION,
+            plural,
+            interval=resync_seconds,
+            initial_delay=resync_seconds,
+            registry=registry,
+        )(on_resync)
+
+    def on_child_event(**kw: Any) -> None:
+        labels = kw["labels"]
+        kind, name = labels.get(LABEL_KIND), labels.get(LABEL_NAME)
+        if kind in MANAGED_KINDS and name:
+            reconcile_quietly(kind, kw["namespace"], name)
+
+    selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
+    kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)(on_child_event)
+    kopf.on.event("", "v1", "pods", labels=selector, registry=registry)(on_child_event)
+    return registry
+
+
+def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.enabled = False  # our own Events, with our reasons
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
+    settings.execution.max_workers = 8
+    settings.networking.error_backoffs = [1, 2, 5]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge operator", description=__doc__)
+    parser.add_argument("--namespace", help="watch only this namespace (default: all)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=8080, help="port of /metrics, /healthz and /readyz"
+    )
+    parser.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME") or socket.gethostname(),
+        help="leader-election identity (default: pod name or hostname)",
+    )
+    parser.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader-election Lease",
+    )
+    parser.add_argument("--trainer-image", default=OperatorSettings.trainer_image)
+    parser.add_argument("--resync-seconds", type=float, default=10)
+    parser.add_argument("--log-format", choices=["json", "plain"], default="json")
+    args = parser.parse_args(argv)
+
+    kopf.configure(
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN
+    )
+    try:
+        kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()  # type: ignore[no-untyped-call]
+    kube = Kube()
+    metrics = OperatorMetrics()
+    election = LeaderElection(kube, args.lease_namespace, args.identity)
+    started = threading.Event()
+    serve(
+        metrics,
+        args.metrics_port,
+        live=lambda: True,
+        ready=lambda: election.leading.is_set() and started.is_set(),
+    )
+    election.wait_until_leader()
+
+    reconciler = Reconciler(kube, OperatorSettings(trainer_image=args.trainer_image), metrics)
+    registry = register(reconciler, args.resync_seconds)
+    kopf.on.startup(registry=registry)(configure_kopf)
+
+    def mark_started(**_: Any) -> None:
+        started.set()
+
+    kopf.on.startup(registry=registry)(mark_started)
+    kopf.run(
+        registry=registry,
+        standalone=True,  # leadership comes from our Lease, not kopf peering
+        clusterwide=args.namespace is None,
+        namespaces=[args.namespace] if args.namespace else [],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The operator's own Prometheus metrics and its /metrics, /healthz, /readyz endpoints."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
+
+
+class OperatorMetrics:
+    """Jobs by phase, reconciles, errors, durations, restarts and GPU-hours."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge(
+            "lmforge_jobs", "Training jobs by kind and phase", ["kind", "phase"], registry=r
+        )
+        self.reconciles = Counter("lmforge_reconcile_total", "Reconciles run", ["kind"], registry=r)
+        self.reconcile_errors = Counter(
+            "lmforge_reconcile_errors_total", "Reconciles that raised", ["kind"], registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "lmforge_reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            ["kind"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "lmforge_job_duration_seconds",
+            "Creation to completion of finished jobs",
+            ["kind", "phase"],
+            registry=r,
+            buckets=(
+                60,
+                300,
+                900,
+                1800,
+                3600,
+                3 * 3600,
+                6 * 3600,
+                12 * 3600,
+                24 * 3600,
+                72 * 3600,
+                float("inf"),
+            ),
+        )
+        self.restarts = Counter(
+            "lmforge_job_restarts_total",
+            "Restarts after retryable failures",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.gpu_hours = Counter(
+            "lmforge_gpu_hours_requested_total",
+            "GPU-hours requested by running training jobs",
+            ["kind"],
+            registry=r,
+        )
+        self._phases: dict[tuple[str, str, str], str] = {}
+        self._gpu_seen: dict[tuple[str, str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def record_phase(self, kind: str, namespace: str, name: str, phase: str) -> None:
+        with self._lock:
+            self._phases[(kind, namespace, name)] = phase
+            self._refresh()
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._phases.pop((kind, namespace, name), None)
+            self._gpu_seen.pop((kind, namespace, name), None)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        counts = Tally((k, p) for (k, _, _), p in self._phases.items())
+        kinds = {k for k, _ in counts} | {"FinetuneJob"}
+        for kind in kinds:
+            for phase in PHASES:
+                self.jobs.labels(kind, phase).set(counts.get((kind, phase), 0))
+
+    def observe_finished(self, kind: str, phase: str, created: str | None) -> None:
+        if not created:
+            return
+        started = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+        self.job_seconds.labels(kind, phase).observe(max(time.time() - started, 0.0))
+
+    def count_gpu_time(self, kind: str, namespace: str, name: str, gpus: int) -> None:
+        """Add the GPU time since this job was last seen running."""
+        key, now = (kind, namespace, name), time.monotonic()
+        with self._lock:
+            last = self._gpu_seen.get(key)
+            self._gpu_seen[key] = now
+        if last is not None and gpus:
+            self.gpu_hours.labels(kind).inc(gpus * (now - last) / 3600)
+
+
+def serve(
+    metrics: OperatorMetrics, port: int, live: Callable[[], bool], ready: Callable[[], bool]
+) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz (liveness) and /readyz (readiness) in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                ok = live()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"not live\n")
+            elif self.path == "/readyz":
+                ok = ready()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"not ready\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    return server
