@@ -143,13 +143,17 @@ def test_bad_data_is_reported_before_training(
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n'
         '{"messages": "not a list"}\n'
     )
+    # Two processes: the torchrun path, where the worker's exit code must survive torchrun.
     path = write_job(
         "bad",
         dataset={"sources": [{"uri": str(bad), "format": "openai"}], "evalSplit": {"sources": []}},
+        distributed={"gpusPerNode": 0, "processesPerNode": 2},
     )
     proc = lmforge("run", str(path), "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "bad.jsonl:line 2: field 'messages[1].role'" in proc.stderr
     assert "bad.jsonl:line 3: field 'messages'" in proc.stderr
+    assert "failed (exit code 3)" in proc.stderr  # EXIT_BAD_DATA, through torchrun
+    assert proc.stderr.count("problems in the training data") == 1  # rank 0 reports, once
     assert not (tmp_path / "out" / "checkpoints").exists()

@@ -40,20 +40,35 @@ _RENDEZVOUS_MARKERS = ("nccl", "rendezvous", "watchdog caught collective", "time
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        state = status.get("state", {}).get("terminated")
-        if state:
-            return dict(state)
+    """The termination state that explains the pod: a failed init container (e.g. a
+    fetch that could not download) first, else the first terminated container."""
+    status = pod.get("status", {})
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for container in status.get(key) or []:
+            state = container.get("state", {}).get("terminated")
+            if state and (key == "containerStatuses" or state.get("exitCode")):
+                return dict(state) | {"container": container.get("name", "")}
     return {}
+
+
+# The trainer's termination message names the reason even when torchrun, between the
+# worker and the container, turns the worker's exit code into its own.
+_MESSAGE_REASONS = {
+    "BadData": Failure.BAD_DATA,
+    "InvalidRunConfig": Failure.BAD_CONFIG,
+    "InvalidMethod": Failure.BAD_CONFIG,
+    "OutOfMemory": Failure.OUT_OF_MEMORY,
+}
 
 
 def classify_pod_failure(pod: dict[str, Any]) -> tuple[Failure, str]:
     """Class and a one-line explanation of a failed pod.
 
     Reads, in order: disruption conditions and eviction reasons (node lost,
-    preemption, eviction), the container's termination reason (OOMKilled), its
-    exit code (the trainer's codes for bad data/config/OOM), and the termination
-    message (NCCL / rendezvous timeouts).
+    preemption, eviction), the trainer's termination message (its `reason`),
+    the container's termination reason (OOMKilled), its exit code (the
+    trainer's codes for bad data/config/OOM), and NCCL / rendezvous timeouts
+    in the message.
     """
     status = pod.get("status", {})
     name = pod.get("metadata", {}).get("name", "pod")
@@ -69,15 +84,46 @@ def classify_pod_failure(pod: dict[str, Any]) -> tuple[Failure, str]:
     reason, code = state.get("reason", ""), state.get("exitCode")
     message = (state.get("message") or "").strip()
     detail = _termination_detail(message)
-    if reason == "OOMKilled" or code == EXIT_OUT_OF_MEMORY or "out of memory" in message.lower():
+    if state.get("container", "").startswith("fetch"):
+        return Failure.CRASHED, f"{name}: fetching inputs failed (exit code {code}){detail}"
+    reported = _MESSAGE_REASONS.get(_message_reason(message))
+    if reason == "OOMKilled" or code == EXIT_OUT_OF_MEMORY or reported is Failure.OUT_OF_MEMORY:
         return Failure.OUT_OF_MEMORY, f"{name} ran out of memory ({reason or code}){detail}"
-    if code == EXIT_BAD_DATA:
+    if code == EXIT_BAD_DATA or reported is Failure.BAD_DATA:
         return Failure.BAD_DATA, f"{name}: bad training data{detail}"
-    if code == EXIT_BAD_CONFIG:
+    if code == EXIT_BAD_CONFIG or reported is Failure.BAD_CONFIG:
         return Failure.BAD_CONFIG, f"{name}: invalid configuration{detail}"
     if any(marker in message.lower() for marker in _RENDEZVOUS_MARKERS):
         return Failure.RENDEZVOUS_TIMEOUT, f"{name}: rendezvous/NCCL timeout{detail}"
     return Failure.CRASHED, f"{name} exited with code {code} ({reason or 'Error'}){detail}"
+
+
+# When several ranks fail, the most telling one explains the job: a rank with bad data
+# makes the others fail on the rendezvous, not the other way round.
+_ROOT_CAUSE_ORDER = (
+    Failure.BAD_DATA,
+    Failure.BAD_CONFIG,
+    Failure.OUT_OF_MEMORY,
+    Failure.DISRUPTED,
+    Failure.CRASHED,
+    Failure.RENDEZVOUS_TIMEOUT,
+)
+
+
+def root_cause(pods: list[dict[str, Any]]) -> tuple[Failure, str] | None:
+    """The failure that explains a set of failed pods, or None when none failed."""
+    found = [classify_pod_failure(p) for p in pods]
+    if not found:
+        return None
+    return min(found, key=lambda f: _ROOT_CAUSE_ORDER.index(f[0]))
+
+
+def _message_reason(message: str) -> str:
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return ""
+    return str(parsed.get("reason", "")) if isinstance(parsed, dict) else ""
 
 
 def _termination_detail(message: str) -> str:
@@ -256,7 +302,7 @@ def decide(obs: Observed) -> Decision:
         metrics = _final_metrics(obs.pods)
         if metrics:
             status.data["metrics"] = metrics
-        progress = status.data.get("progress") or {}
+        progress = dict(status.data.get("progress") or {})  # never modify what was observed
         if progress.get("totalSteps"):
             progress |= {"step": progress["totalSteps"], "percent": 100, "etaSeconds": 0}
             status.data["progress"] = progress
@@ -305,10 +351,10 @@ def _handle_failure(obs: Observed, status: _Status, failed: dict[str, Any]) -> D
         )
         return status.decision()
     failed_pods = [p for p in obs.pods if p.get("status", {}).get("phase") == "Failed"]
-    if failed_pods:
-        failure, message = classify_pod_failure(failed_pods[0])
-    else:
-        failure, message = Failure.CRASHED, failed.get("message") or "the workload failed"
+    failure, message = root_cause(failed_pods) or (
+        Failure.CRASHED,
+        failed.get("message") or "the workload failed",
+    )
     if not failure.retryable:
         status.phase("Failed", failure.value, message)
         return status.decision()

@@ -71,6 +71,11 @@ def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegi
         labels = kw["labels"]
         kind, name = labels.get(LABEL_KIND), labels.get(LABEL_NAME)
         if kind in MANAGED_KINDS and name:
+            if kw["body"].get("kind") == "Pod":
+                try:
+                    reconciler.note_disruption(kind, kw["namespace"], name, dict(kw["body"]))
+                except Exception:
+                    log.exception("could not record a disruption on %s/%s", kw["namespace"], name)
             reconcile_quietly(kind, kw["namespace"], name)
 
     selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}

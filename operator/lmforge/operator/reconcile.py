@@ -21,9 +21,11 @@ from lmforge.operator.lifecycle import TERMINAL_PHASES, Action, Observed, decide
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.render import (
     LABEL_ATTEMPT,
+    LocalPathOnCluster,
     OperatorSettings,
     TrainingTarget,
     output_uri,
+    plan_mounts,
     render_children,
     workload_name,
 )
@@ -79,18 +81,7 @@ class Reconciler:
         try:
             job = KINDS[kind].model_validate({k: v for k, v in body.items() if k != "status"})
         except ValidationError as err:  # the CRD should prevent this; say so rather than crash
-            new = dict(status)
-            new["phase"] = "Failed"
-            new["conditions"] = lifecycle.set_condition(
-                status.get("conditions") or [],
-                "Failed",
-                True,
-                "InvalidSpec",
-                str(err)[:2000],
-                generation,
-                lifecycle.now(),
-            )
-            self.kube.patch_status(kind, namespace, name, new)
+            self._fail_invalid(body, status, generation, str(err)[:2000])
             return
 
         spec = job.spec  # type: ignore[attr-defined]
@@ -103,6 +94,12 @@ class Reconciler:
             model_uri = ((dependency or {}).get("status") or {}).get("output", {}).get("uri", "")
 
         target = TrainingTarget(job, namespace, meta["uid"], model_uri, attempt, self.settings)
+        if model_uri:
+            try:
+                plan_mounts(target)
+            except LocalPathOnCluster as err:
+                self._fail_invalid(body, status, generation, str(err))
+                return
         workloads = self.kube.jobs_of(kind, namespace, name)
         current = next(
             (w for w in workloads if w["metadata"]["name"] == workload_name(target)), None
@@ -128,7 +125,7 @@ class Reconciler:
             # Status first: once restarts is bumped, any later run creates the new attempt.
             self.kube.patch_status(kind, namespace, name, decision.status)
             target = replace(target, attempt=attempt + 1)
-            self._apply(target, workload_exists=False)
+            self._apply(target, workload_suspended=None)
             self._delete_other_attempts(target, workloads)
             reason = next(
                 (
@@ -141,7 +138,8 @@ class Reconciler:
             self.metrics.restarts.labels(kind, reason).inc()
         else:
             if decision.action is Action.APPLY:
-                self._apply(target, workload_exists=current is not None)
+                suspended = current["spec"].get("suspend") if current else None
+                self._apply(target, workload_suspended=suspended)
                 self._delete_other_attempts(target, workloads)
             if decision.status != status:
                 self.kube.patch_status(kind, namespace, name, decision.status)
@@ -154,8 +152,73 @@ class Reconciler:
         if phase == "Running":
             self.metrics.count_gpu_time(kind, namespace, name, gpus_requested(spec))
 
-    def _apply(self, target: TrainingTarget, *, workload_exists: bool) -> None:
-        for obj in render_children(target, workload_exists=workload_exists).objects:
+    def _fail_invalid(
+        self, body: dict[str, Any], status: dict[str, Any], generation: int, message: str
+    ) -> None:
+        """A spec the cluster cannot run: Failed at once, with the reason in the condition."""
+        meta = body["metadata"]
+        new = dict(status) | {"phase": "Failed", "observedGeneration": generation}
+        conditions = status.get("conditions") or []
+        for type_, value in (
+            ("Failed", True),
+            ("Stalled", True),
+            ("Ready", False),
+            ("Reconciling", False),
+        ):
+            conditions = lifecycle.set_condition(
+                conditions, type_, value, "InvalidSpec", message, generation, lifecycle.now()
+            )
+        new["conditions"] = conditions
+        self.kube.patch_status(body["kind"], meta["namespace"], meta["name"], new)
+        if status.get("phase") != "Failed":
+            self.kube.event(body, "Warning", "InvalidSpec", message)
+
+    def note_disruption(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
+        """Record a disrupted pod (evicted, preempted, node lost) on the job.
+
+        The Job's podFailurePolicy replaces such a pod without failing the attempt,
+        so nothing else would tell the user; the pod may be gone a moment later.
+        """
+        cond = next(
+            (
+                c
+                for c in pod.get("status", {}).get("conditions") or []
+                if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+            ),
+            None,
+        )
+        if cond is None:
+            return
+        pod_name = pod["metadata"]["name"]
+        message = (
+            f"pod {pod_name}: {cond.get('reason', 'Disrupted')}: {cond.get('message', '')}".rstrip(
+                ": "
+            )
+            + "; replaced without counting against runPolicy.backoffLimit"
+        )
+        with self._lock((kind, namespace, name)):
+            body = self.kube.get(kind, namespace, name)
+            if body is None:
+                return
+            status = dict(body.get("status") or {})
+            previous = lifecycle_condition(status, "Disrupted")
+            if previous is not None and previous.get("message") == message:
+                return  # already recorded
+            status["conditions"] = lifecycle.set_condition(
+                status.get("conditions") or [],
+                "Disrupted",
+                True,
+                str(cond.get("reason") or "Disrupted"),
+                message,
+                int(body["metadata"].get("generation", 1)),
+                lifecycle.now(),
+            )
+            self.kube.patch_status(kind, namespace, name, status)
+            self.kube.event(body, "Warning", "Disrupted", message)
+            self.metrics.restarts.labels(kind, "Disrupted").inc()
+
+    def _apply(self, target: TrainingTarget, *, workload_suspended: bool | None) -> None:
+        for obj in render_children(target, workload_suspended=workload_suspended).objects:
             self.kube.apply(obj)
 
     def _delete_other_attempts(
@@ -165,6 +228,10 @@ class Reconciler:
             labels = workload["metadata"].get("labels") or {}
             if labels.get(LABEL_ATTEMPT) != str(target.attempt):
                 self.kube.delete("Job", target.namespace, workload["metadata"]["name"])
+
+
+def lifecycle_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
 
 
 def spec_method_type(spec: Any) -> str:

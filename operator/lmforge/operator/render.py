@@ -110,6 +110,16 @@ def output_uri(target: TrainingTarget) -> str:
 # ---------------------------------------------------------------- locations
 
 
+class LocalPathOnCluster(ValueError):
+    """A file:// or relative location, which only `lmforge run` can open."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(
+            f"{uri} is a local path, which only `lmforge run` can read; on a cluster use "
+            "pvc://claim/path, hf://org/name or s3://bucket/key"
+        )
+
+
 @dataclass(frozen=True)
 class Mounts:
     """Volumes a job's pods need to read their inputs, and what init containers fetch."""
@@ -146,7 +156,7 @@ def plan_mounts(target: TrainingTarget) -> Mounts:
         if uri.startswith(("s3://", "hf://")):
             fetches.append((uri, cache_dest))
             return cache_dest
-        return uri
+        raise LocalPathOnCluster(uri)
 
     model_path = locate(target.model_uri, f"{CACHE_MOUNT}/model")
     data_paths: dict[str, str] = {}
@@ -447,14 +457,17 @@ def render_pod_template(target: TrainingTarget, mounts: Mounts) -> dict[str, Any
     }
 
 
-def render_training_job(target: TrainingTarget, mounts: Mounts, *, exists: bool) -> dict[str, Any]:
+def render_training_job(
+    target: TrainingTarget, mounts: Mounts, *, workload_suspended: bool | None = None
+) -> dict[str, Any]:
     """The Indexed batch/v1 Job of the current attempt: one pod per node.
 
     backoffLimit 0: any failed pod ends the attempt and the operator decides (from
     the failure's class) whether all ranks restart. The podFailurePolicy fails at
     once on bad data or configuration and ignores disruptions (the pod is replaced).
-    `suspend` is set when the user suspends, and at creation for Kueue, which
-    admits the workload by unsuspending it (so it is left to Kueue afterwards).
+    `suspend` follows runPolicy.suspend; with a Kueue queue the Job is created
+    suspended and Kueue admits it by unsuspending, so the value the existing Job
+    has (`workload_suspended`) is kept.
     """
     spec = target.spec
     nodes = spec.distributed.nodes
@@ -479,9 +492,11 @@ def render_training_job(target: TrainingTarget, mounts: Mounts, *, exists: bool)
         "template": render_pod_template(target, mounts),
     }
     queued = spec.scheduling.queue_name is not None
-    if spec.run_policy.suspend or (queued and not exists):
+    if spec.run_policy.suspend:
         job_spec["suspend"] = True
-    elif not queued:
+    elif queued:  # created suspended; afterwards Kueue decides, so keep what it set
+        job_spec["suspend"] = True if workload_suspended is None else workload_suspended
+    else:
         job_spec["suspend"] = False
     if spec.run_policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
@@ -509,7 +524,7 @@ class Children:
         return [o for o in self.objects if o["kind"] == kind]
 
 
-def render_children(target: TrainingTarget, *, workload_exists: bool = False) -> Children:
+def render_children(target: TrainingTarget, *, workload_suspended: bool | None = None) -> Children:
     """All children of one attempt of a training job."""
     mounts = plan_mounts(target)
     config = render_run_config(target, mounts)
@@ -518,6 +533,6 @@ def render_children(target: TrainingTarget, *, workload_exists: bool = False) ->
         *render_claims(target, mounts),
         render_service(target),
         *render_trainer_access(target),
-        render_training_job(target, mounts, exists=workload_exists),
+        render_training_job(target, mounts, workload_suspended=workload_suspended),
     ]
     return Children(config, objects)

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from lmforge.trainer.progress import TERMINATION_LOG
@@ -50,13 +51,53 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+FAILURE_FILE_ENV = "LMFORGE_FAILURE_FILE"
+
+
 def fail(code: int, reason: str, message: str) -> int:
-    """Report a user-facing failure: stderr, and the pod's termination message."""
-    print(f"error: {message}", file=sys.stderr)
-    if TERMINATION_LOG.exists():
-        with contextlib.suppress(OSError):
-            TERMINATION_LOG.write_text(json.dumps({"reason": reason, "message": message[:3500]}))
+    """Report a user-facing failure: stderr, the pod's termination message, and (under
+    torchrun) a file the launcher reads to exit with the worker's code."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    report = {"reason": reason, "message": message[:3500], "code": code}
+    for path in (TERMINATION_LOG, Path(os.environ.get(FAILURE_FILE_ENV, "/nonexistent/x"))):
+        if path.exists() or (path.parent.is_dir() and path != TERMINATION_LOG):
+            with contextlib.suppress(OSError):
+                path.write_text(json.dumps(report))
     return code
+
+
+def launch(command: list[str]) -> int:
+    """Run torchrun; exit with the code a worker reported (torchrun's own is always 1)."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
+        failure = Path(tmp) / "failure.json"
+        proc = subprocess.Popen(
+            command,
+            env=os.environ | {FAILURE_FILE_ENV: str(failure)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        held = _pass_through_stderr(proc)
+        code = proc.wait()
+        if code != 0 and failure.exists():
+            with contextlib.suppress(ValueError, KeyError):
+                # A worker already explained itself; torchrun's traceback adds nothing.
+                return int(json.loads(failure.read_text())["code"])
+        sys.stderr.writelines(held)
+        return code
+
+
+def _pass_through_stderr(proc: subprocess.Popen[str]) -> list[str]:
+    """Copy the workers' stderr through; from the first traceback on, hold the rest back
+    until the outcome is known (a worker's clean error makes torchrun's traceback noise)."""
+    held: list[str] = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if held or line.startswith("Traceback (most recent call last)"):
+            held.append(line)
+        else:
+            sys.stderr.write(line)
+    return held
 
 
 def run(config_path: Path) -> int:
@@ -70,7 +111,7 @@ def run(config_path: Path) -> int:
         config_path, config.spec.distributed.processes_per_node or 1, os.environ
     )
     if command:
-        return subprocess.call(command)
+        return launch(command)
 
     import torch
     from lmforge.trainer.data import DataError
@@ -93,8 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="run a training job from its resolved run config")
     run_parser.add_argument("--config", required=True, type=Path, help="run config JSON")
+    fetch_parser = sub.add_parser("fetch", help="download hf:// or s3:// inputs (init container)")
+    fetch_parser.add_argument("--uri", required=True)
+    fetch_parser.add_argument("--dest", required=True, type=Path)
     args = parser.parse_args(argv)
     setup_logging()
+    if args.command == "fetch":
+        from lmforge.trainer.fetch import FetchError, fetch
+
+        try:
+            fetch(args.uri, args.dest)
+        except FetchError as err:
+            return fail(1, "FetchFailed", str(err))
+        return 0
     return run(args.config)
 
 

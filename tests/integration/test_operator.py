@@ -1,0 +1,523 @@
+"""The operator on the real control plane: children, scheduling, status, failures, recovery."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmforge.api.runconfig import RunConfig
+from tests.integration.conftest import (
+    OperatorProcess,
+    condition,
+    events_of,
+    status_of,
+    wait_for,
+)
+from tests.kube import Kube
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+GPU_NODES = {"gpu-h100-0", "gpu-h100-1", "gpu-h100-2", "gpu-a10-0"}
+
+JOB: dict[str, Any] = {
+    "apiVersion": "lmforge.io/v1alpha1",
+    "kind": "FinetuneJob",
+    "metadata": {"name": "job"},
+    "spec": {
+        "model": {"source": "hf://org/base-model"},
+        "dataset": {"sources": [{"uri": "hf://org/dataset"}]},
+        "distributed": {"gpusPerNode": 1},
+    },
+}
+
+
+def job(name: str, labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(JOB)
+    obj["metadata"] = {"name": name, "labels": labels or {}}
+    obj["spec"].update(spec)
+    return obj
+
+
+def children(kube: Kube, ns: str, name: str) -> dict[str, list[str]]:
+    selector = f"lmforge.io/job-name={name}"
+    out = {}
+    for kind in (
+        "configmap",
+        "persistentvolumeclaim",
+        "service",
+        "serviceaccount",
+        "role",
+        "rolebinding",
+        "job",
+    ):
+        items = kube.get(kind, "-n", ns, "-l", selector)["items"]
+        out[kind] = sorted(i["metadata"]["name"] for i in items)
+    return out
+
+
+def pods(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
+    return list(kube.get("pods", "-n", ns, "-l", f"lmforge.io/job-name={name}")["items"])
+
+
+def phase(kube: Kube, ns: str, name: str) -> str | None:
+    return status_of(kube, ns, name).get("phase")
+
+
+@pytest.fixture(scope="module")
+def prerequisites(crds: Kube) -> None:
+    crds.apply(
+        {
+            "apiVersion": "scheduling.k8s.io/v1",
+            "kind": "PriorityClass",
+            "metadata": {"name": "training-high"},
+            "value": 1000,
+        }
+    )
+
+
+def _claims(kube: Kube, ns: str, *names: str) -> None:
+    kube.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": n, "namespace": ns},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            }
+            for n in names
+        ]
+    )
+
+
+EXPECTED = {
+    "finetunejob-lora.yaml": (
+        "llama3-alpaca-lora",
+        1,
+        ["llama3-alpaca-lora-cache", "llama3-alpaca-lora-output"],
+    ),
+    "finetunejob-multinode.yaml": (
+        "llama3-70b-full",
+        2,
+        ["llama3-70b-full-cache", "llama3-70b-full-output"],
+    ),
+    "finetunejob-qlora.yaml": ("qwen2-qlora", 1, ["qwen2-qlora-cache", "qwen2-qlora-output"]),
+    "finetunejob-queued.yaml": ("mistral-cpt-legal", 1, []),
+}
+
+
+@pytest.mark.parametrize("example", sorted(EXPECTED))
+def test_examples_run_to_success(
+    crds: Kube, operator: OperatorProcess, prerequisites: None, namespace: str, example: str
+) -> None:
+    name, nodes, claims = EXPECTED[example]
+    _claims(crds, namespace, "datasets", "models", "research-outputs")
+    applied = time.monotonic()
+    crds.run("apply", "-n", namespace, "-f", str(ROOT / "examples" / example), check=True)
+    wait_for(
+        lambda: children(crds, namespace, name)["job"],
+        "the training Job",
+        timeout=30,
+        interval=0.05,
+    )
+    latency = time.monotonic() - applied
+    print(f"\n{example}: apply -> Job created in {latency:.2f}s")
+
+    got = children(crds, namespace, name)
+    assert got == {
+        "configmap": [f"{name}-run-config"],
+        "persistentvolumeclaim": claims,
+        "service": [name],
+        "serviceaccount": [f"{name}-trainer"],
+        "role": [f"{name}-trainer"],
+        "rolebinding": [f"{name}-trainer"],
+        "job": [f"{name}-0"],
+    }
+    workload = crds.get("job", f"{name}-0", "-n", namespace)
+    assert workload["spec"]["completions"] == workload["spec"]["parallelism"] == nodes
+    assert workload["spec"]["completionMode"] == "Indexed"
+    config_map = crds.get("configmap", f"{name}-run-config", "-n", namespace)
+    config = RunConfig.model_validate(json.loads(config_map["data"]["run.json"]))
+    assert config.name == name and config.namespace == namespace
+
+    if example == "finetunejob-queued.yaml":
+        # Without Kueue the workload waits, suspended, in its queue.
+        assert workload["spec"]["suspend"] is True
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+        wait_for(
+            lambda: (
+                condition(status_of(crds, namespace, name), "Reconciling")
+                and status_of(crds, namespace, name)["conditions"]
+            ),
+            "queued status",
+        )
+        assert wait_for(
+            lambda: (
+                (c := condition(status_of(crds, namespace, name), "Reconciling"))
+                and c["reason"] == "Queued"
+                and c
+            ),
+            "reason Queued",
+        )
+        # Admission, as Kueue does it: unsuspend the Job. The operator must not fight it.
+        crds.run(
+            "patch",
+            "job",
+            f"{name}-0",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            '{"spec":{"suspend":false}}',
+            check=True,
+        )
+
+    proc = crds.run(
+        "wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=90s"
+    )
+    assert proc.returncode == 0, proc.stderr
+    status = status_of(crds, namespace, name)
+    assert status["phase"] == "Succeeded"
+    assert status["output"]["uri"].startswith("pvc://") and status["output"]["uri"].endswith(
+        "/final"
+    )
+    nodes_used = {p["spec"]["nodeName"] for p in pods(crds, namespace, name)}
+    gpus = config.spec.distributed.gpus_per_node
+    if gpus:
+        assert nodes_used <= GPU_NODES
+    assert len(nodes_used) == nodes  # one pod per node (8 GPUs fill an H100 node)
+
+
+def _running(kube: Kube, ns: str, name: str) -> None:
+    wait_for(lambda: phase(kube, ns, name) == "Running", f"{name} Running", timeout=60)
+
+
+def test_three_failure_paths(crds: Kube, operator: OperatorProcess, namespace: str) -> None:
+    run_policy = {"backoffLimit": 1}
+    crds.apply(
+        [
+            job("oom", {"lmforge.io/kwok-fail": "oom"}, runPolicy=run_policy),
+            job("bad-data", {"lmforge.io/kwok-fail": "bad-data"}, runPolicy=run_policy),
+            job("evicted", {"lmforge.io/kwok-hold": "true"}, runPolicy=run_policy),
+        ],
+        "-n",
+        namespace,
+    )
+
+    # 1. OOMKilled: retryable. All ranks restart as attempt 1; OOM again exhausts backoffLimit 1.
+    wait_for(lambda: phase(crds, namespace, "oom") == "Failed", "oom Failed", timeout=90)
+    status = status_of(crds, namespace, "oom")
+    assert status["restarts"] == 1
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert "ran out of memory" in condition(status, "Failed")["message"]
+    reasons = [e["reason"] for e in events_of(crds, namespace, "oom")]
+    assert "OOMKilled" in reasons and "BackoffLimitExceeded" in reasons
+    assert children(crds, namespace, "oom")["job"] == ["oom-1"]  # attempt 0 cleaned up
+
+    # 2. Bad data: not retryable. Failed at once, no restart, the trainer's message shown.
+    wait_for(lambda: phase(crds, namespace, "bad-data") == "Failed", "bad-data Failed")
+    status = status_of(crds, namespace, "bad-data")
+    assert status["restarts"] == 0
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "BadData" and "train.jsonl:line 7" in failed["message"]
+    assert "BadData" in [e["reason"] for e in events_of(crds, namespace, "bad-data")]
+
+    # 3. Evicted: a disruption, not the job's fault. The pod is replaced in the same
+    # attempt and does not count against backoffLimit.
+    _running(crds, namespace, "evicted")
+    (victim,) = pods(crds, namespace, "evicted")
+    eviction = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": victim["metadata"]["name"], "namespace": namespace},
+    }
+    crds.run(
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{namespace}/pods/{victim['metadata']['name']}/eviction",
+        "-f",
+        "-",
+        input=json.dumps(eviction),
+        check=True,
+    )
+    wait_for(
+        lambda: [
+            p
+            for p in pods(crds, namespace, "evicted")
+            if p["metadata"]["name"] != victim["metadata"]["name"]
+            and p["status"].get("phase") == "Running"
+        ],
+        "a replacement pod",
+    )
+    disrupted = wait_for(
+        lambda: condition(status_of(crds, namespace, "evicted"), "Disrupted"), "Disrupted condition"
+    )
+    assert disrupted["status"] == "True"
+    status = status_of(crds, namespace, "evicted")
+    assert status["restarts"] == 0 and status["phase"] == "Running"
+    assert "Disrupted" in [e["reason"] for e in events_of(crds, namespace, "evicted")]
+    assert children(crds, namespace, "evicted")["job"] == ["evicted-0"]
+
+
+def test_nccl_timeout_restarts_from_checkpoint(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    crds.apply(
+        job("nccl", {"lmforge.io/kwok-fail": "nccl"}, runPolicy={"backoffLimit": 2}),
+        "-n",
+        namespace,
+    )
+    wait_for(lambda: phase(crds, namespace, "nccl") == "Failed", "nccl Failed", timeout=120)
+    status = status_of(crds, namespace, "nccl")
+    assert status["restarts"] == 2
+    assert "rendezvous/NCCL timeout" in condition(status, "Failed")["message"]
+    reasons = [e["reason"] for e in events_of(crds, namespace, "nccl")]
+    assert reasons.count("RendezvousTimeout") == 2
+
+
+def test_suspend_keeps_attempt_and_resumes(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    crds.apply(job("pause", {"lmforge.io/kwok-hold": "true"}), "-n", namespace)
+    _running(crds, namespace, "pause")
+    crds.run(
+        "patch",
+        "ftj",
+        "pause",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":true}}}',
+        check=True,
+    )
+    wait_for(lambda: phase(crds, namespace, "pause") == "Suspended", "Suspended")
+    assert crds.get("job", "pause-0", "-n", namespace)["spec"]["suspend"] is True
+    wait_for(
+        lambda: (
+            not [
+                p
+                for p in pods(crds, namespace, "pause")
+                if not p["metadata"].get("deletionTimestamp")
+            ]
+        ),
+        "pods stopped",
+    )
+    assert condition(status_of(crds, namespace, "pause"), "Suspended")["status"] == "True"
+
+    crds.run(
+        "patch",
+        "ftj",
+        "pause",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":false}}}',
+        check=True,
+    )
+    _running(crds, namespace, "pause")
+    status = status_of(crds, namespace, "pause")
+    assert status["restarts"] == 0 and children(crds, namespace, "pause")["job"] == ["pause-0"]
+
+
+def test_deadline_and_ttl(crds: Kube, operator: OperatorProcess, namespace: str) -> None:
+    crds.apply(
+        [
+            job("slow", {"lmforge.io/kwok-hold": "true"}, runPolicy={"activeDeadlineSeconds": 3}),
+            job("short-lived", runPolicy={"ttlSecondsAfterFinished": 0}),
+        ],
+        "-n",
+        namespace,
+    )
+    wait_for(lambda: phase(crds, namespace, "slow") == "Failed", "deadline", timeout=60)
+    assert condition(status_of(crds, namespace, "slow"), "Failed")["reason"] == "DeadlineExceeded"
+
+    wait_for(lambda: phase(crds, namespace, "short-lived") == "Succeeded", "short-lived done")
+    wait_for(lambda: not children(crds, namespace, "short-lived")["job"], "Job removed by TTL")
+    time.sleep(4)  # a resync or two later, the terminal state has not flapped
+    assert phase(crds, namespace, "short-lived") == "Succeeded"
+    assert children(crds, namespace, "short-lived")["job"] == []
+
+
+def test_from_job_waits_for_the_model(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    crds.apply(
+        [
+            job("base", {"lmforge.io/kwok-hold": "true"}),
+            job("second", model={"fromJob": {"name": "base"}}),
+        ],
+        "-n",
+        namespace,
+    )
+    waiting = wait_for(
+        lambda: condition(status_of(crds, namespace, "second"), "Reconciling"), "second waiting"
+    )
+    assert waiting["reason"] == "WaitingForModel" and "FinetuneJob base" in waiting["message"]
+    assert children(crds, namespace, "second")["job"] == []
+
+    _running(crds, namespace, "base")
+    (pod,) = pods(crds, namespace, "base")
+    crds.run(
+        "label",
+        "pod",
+        "-n",
+        namespace,
+        pod["metadata"]["name"],
+        "lmforge.io/kwok-hold-",
+        check=True,
+    )  # KWOK lets it finish now
+    crds.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Succeeded",
+        "finetunejob/second",
+        "--timeout=60s",
+        check=True,
+    )
+    run = json.loads(
+        crds.get("configmap", "second-run-config", "-n", namespace)["data"]["run.json"]
+    )
+    assert run["paths"]["model"] == "/mnt/pvc/base-output/finetunejob/base/final"
+    volumes = crds.get("job", "second-0", "-n", namespace)["spec"]["template"]["spec"]["volumes"]
+    assert {"claimName": "base-output", "readOnly": True} in [
+        v.get("persistentVolumeClaim") for v in volumes
+    ]
+
+
+def test_pods_admitted_under_restricted_pod_security(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    crds.run(
+        "label",
+        "namespace",
+        namespace,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+        check=True,
+    )
+    crds.apply(job("secure", distributed={"nodes": 2, "gpusPerNode": 1}), "-n", namespace)
+    crds.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Succeeded",
+        "finetunejob/secure",
+        "--timeout=60s",
+        check=True,
+    )
+    assert len(pods(crds, namespace, "secure")) == 2
+    failed_creates = [
+        e for e in crds.get("events", "-n", namespace)["items"] if e["reason"] == "FailedCreate"
+    ]
+    assert failed_creates == []
+
+
+def test_progress_reaches_status_and_columns(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    crds.apply(job("watched", {"lmforge.io/kwok-hold": "true"}), "-n", namespace)
+    _running(crds, namespace, "watched")
+    (pod,) = pods(crds, namespace, "watched")
+    report = {
+        "step": 30,
+        "totalSteps": 120,
+        "percent": 25,
+        "loss": 1.5,
+        "tokensPerSecond": 900.0,
+        "etaSeconds": 300,
+        "learningRate": 0.0002,
+        "updatedAt": "2026-01-01T00:00:00Z",
+    }
+    crds.run(
+        "annotate",
+        "pod",
+        "-n",
+        namespace,
+        pod["metadata"]["name"],
+        f"lmforge.io/progress={json.dumps(report)}",
+        check=True,
+    )
+    progress = wait_for(
+        lambda: status_of(crds, namespace, "watched").get("progress"), "progress in status"
+    )
+    assert progress == report
+    _, row = crds.run("get", "ftj", "watched", "-n", namespace, check=True).stdout.splitlines()[:2]
+    assert row.split()[1:4] == ["Running", "25", "1.5"]
+
+
+def test_operator_metrics(crds: Kube, operator: OperatorProcess, namespace: str) -> None:
+    crds.apply(job("counted"), "-n", namespace)
+    crds.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Succeeded",
+        "finetunejob/counted",
+        "--timeout=60s",
+        check=True,
+    )
+    text = wait_for(
+        lambda: (
+            (t := operator.metrics())
+            and 'lmforge_jobs{kind="FinetuneJob",phase="Succeeded"}' in t
+            and t
+        ),
+        "metrics",
+    )
+    for name in (
+        "lmforge_reconcile_total",
+        "lmforge_reconcile_duration_seconds_bucket",
+        "lmforge_job_duration_seconds_count",
+        "lmforge_gpu_hours_requested_total",
+    ):
+        assert name in text, name
+
+
+def test_second_replica_stands_by(crds: Kube, operator: OperatorProcess, tmp_path: Path) -> None:
+    standby = OperatorProcess(crds, tmp_path, identity="pytest-standby")
+    standby.start()
+    try:
+        time.sleep(6)
+        with pytest.raises(OSError):
+            import urllib.request
+
+            urllib.request.urlopen(f"http://127.0.0.1:{standby.port}/readyz", timeout=2)
+        log = next(tmp_path.glob("operator-pytest-standby-*.log")).read_text()
+        assert "standing by" in log
+        lease = crds.get("lease", "lmforge-operator", "-n", "default")
+        assert lease["spec"]["holderIdentity"] == operator.identity
+    finally:
+        standby.kill()
+
+
+def test_example_yaml_unchanged_by_operator(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """GitOps: the operator writes only status; the applied spec stays as the user wrote it."""
+    obj = yaml.safe_load((ROOT / "examples" / "finetunejob-lora.yaml").read_text())
+    crds.apply(obj, "-n", namespace)
+    crds.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Succeeded",
+        "finetunejob/llama3-alpaca-lora",
+        "--timeout=60s",
+        check=True,
+    )
+    live = crds.get("ftj", "llama3-alpaca-lora", "-n", namespace)
+    annotations = live["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if "kopf" in k]
+    assert live["spec"]["method"]["lora"] == {**obj["spec"]["method"]["lora"], "dropout": 0.05}
+    assert live["status"]["observedGeneration"] == live["metadata"]["generation"]
