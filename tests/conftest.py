@@ -53,6 +53,14 @@ def crds(kube: Kube) -> Kube:
     return kube
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-architecture model with random weights, built locally."""
+    from lmforge.trainer.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip GPU tests without CUDA; everything else always runs."""
     try:

@@ -50,16 +50,34 @@ GLOBAL_BATCH_DIVISIBLE = Rule(
 )
 
 
-def immutable(*fields: str) -> tuple[Rule, ...]:
-    """Transition rules that reject changes to these spec fields once the object exists."""
-    return tuple(
+def immutable(*fields: str, optional: tuple[str, ...] = ()) -> tuple[Rule, ...]:
+    """Transition rules that reject changes to these spec fields once the object exists.
+
+    A running job's pods cannot change (a Job's pod template is immutable), so every
+    field that shapes them is immutable; `runPolicy` (suspend, deadlines, retries)
+    stays mutable on purpose. `optional` fields may be absent on either side.
+    """
+    rules = [
         Rule(
             cel=f"self.{name} == oldSelf.{name}",
             message=f"{name} is immutable; create a new job instead",
             field=name,
         )
         for name in fields
-    )
+    ]
+    rules += [
+        Rule(
+            cel=f"has(self.{name}) == has(oldSelf.{name}) && "
+            f"(!has(self.{name}) || self.{name} == oldSelf.{name})",
+            message=f"{name} is immutable; create a new job instead",
+            field=name,
+        )
+        for name in optional
+    ]
+    return tuple(rules)
+
+
+_POD_SHAPING = ("evaluation", "resources", "scheduling", "checkpoint", "output")
 
 
 class TrainingJobSpec(ApiModel):
@@ -193,7 +211,16 @@ class FinetuneJobSpec(TrainingJobSpec):
                 or all(src.format in ("auto", "text", "text_only") for src in s.dataset.sources)
             ),
         ),
-        *immutable("model", "task", "dataset", "method", "training", "distributed"),
+        *immutable(
+            "model",
+            "task",
+            "dataset",
+            "method",
+            "training",
+            "distributed",
+            *_POD_SHAPING,
+            optional=("image",),
+        ),
     )
 
     task: Literal["continued-pretraining", "sft"] = field_(
@@ -350,7 +377,16 @@ class AlignmentJobSpec(TrainingJobSpec):
                 )
             ),
         ),
-        *immutable("model", "dataset", "method", "training", "distributed"),
+        *immutable(
+            "model",
+            "dataset",
+            "method",
+            "training",
+            "distributed",
+            "generation",
+            *_POD_SHAPING,
+            optional=("image",),
+        ),
     )
 
     method: AlignmentMethod = field_("Alignment objective.")

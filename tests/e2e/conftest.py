@@ -18,13 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.trainer.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 JOB: dict[str, Any] = {
     "apiVersion": "lmforge.io/v1alpha1",
     "kind": "FinetuneJob",

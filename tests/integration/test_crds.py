@@ -123,6 +123,23 @@ def test_spec_fields_immutable_after_create(crds: Kube, ns: str) -> None:
     proc = crds.run("patch", "finetunejob", "immutable", "-n", ns, "--type=merge", "-p", patch)
     assert proc.returncode != 0
     assert "spec.method" in proc.stderr and "immutable" in proc.stderr
+    for change in (
+        {"image": "ghcr.io/me/trainer:1"},
+        {"resources": {"requests": {"cpu": "4"}}},
+        {"scheduling": {"priorityClassName": "urgent"}},
+    ):
+        proc = crds.run(
+            "patch",
+            "finetunejob",
+            "immutable",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": change}),
+        )
+        field = next(iter(change))
+        assert proc.returncode != 0 and f"spec.{field}" in proc.stderr, proc.stderr
     # Run policy stays mutable: suspending a job is an intended change.
     patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
     crds.run("patch", "finetunejob", "immutable", "-n", ns, "--type=merge", "-p", patch, check=True)
