@@ -182,6 +182,23 @@ class KubernetesObject(ApiModel):
         return str(self.metadata.get("name", ""))
 
 
+def training_job_columns(method: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """`kubectl get` columns of the training kinds: phase, progress, loss, method, output, age."""
+    return (
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {
+            "name": "Progress",
+            "type": "integer",
+            "jsonPath": ".status.progress.percent",
+            "description": "Percent of optimizer steps done",
+        },
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        method,
+        {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+
 # Indexed Job pods are named <name>-<index>-<suffix> and get <name>-<index> as hostname,
 # which must stay a DNS label (63 characters).
 NAME_FITS_POD_HOSTNAMES = Rule(
@@ -237,18 +254,8 @@ class FinetuneJob(KubernetesObject):
     plural = "finetunejobs"
     short_names = ("ftj", "ftjob")
     rules = (NAME_FITS_POD_HOSTNAMES,)
-    printer_columns = (
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {
-            "name": "Progress",
-            "type": "integer",
-            "jsonPath": ".status.progress.percent",
-            "description": "Percent of optimizer steps done",
-        },
-        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
-        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
-        {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    printer_columns = training_job_columns(
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1}
     )
 
     kind: Literal["FinetuneJob"] = field_("FinetuneJob.", "FinetuneJob")
@@ -400,18 +407,8 @@ class AlignmentJob(KubernetesObject):
     plural = "alignmentjobs"
     short_names = ("alj", "aljob")
     rules = (NAME_FITS_POD_HOSTNAMES,)
-    printer_columns = (
-        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {
-            "name": "Progress",
-            "type": "integer",
-            "jsonPath": ".status.progress.percent",
-            "description": "Percent of optimizer steps done",
-        },
-        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
-        {"name": "Output", "type": "string", "jsonPath": ".status.output.uri", "priority": 1},
-        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    printer_columns = training_job_columns(
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"}
     )
 
     kind: Literal["AlignmentJob"] = field_("AlignmentJob.", "AlignmentJob")

@@ -115,7 +115,7 @@ def test_continued_pretraining_on_raw_text(write_job: Callable[..., Path], tmp_p
     assert metrics["steps"] == 4
 
 
-@pytest.mark.parametrize("rope", ["linear", "dynamic"])
+@pytest.mark.parametrize("rope", ["linear", "dynamic", "yarn"])
 def test_rope_scaling_extends_context(
     write_job: Callable[..., Path], tmp_path: Path, rope: str
 ) -> None:

@@ -79,8 +79,10 @@ class OperatorProcess:
             return str(r.read().decode())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """An operator per test module, so that modules which write status by hand (the CRD
+    tests) run without one."""
     op = OperatorProcess(crds, tmp_path_factory.mktemp("operator-logs"))
     op.start()
     op.wait_ready()

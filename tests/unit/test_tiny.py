@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from lmforge.trainer import tiny  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from lmforge.trainer import tiny
+from lmforge.trainer.data import Example, resolve_chat_template
+from lmforge.trainer.evaluate import exact_match_accuracy
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 CHATML = (
     "<|im_start|>user\nspell: 4 0 7<|im_end|>\n<|im_start|>assistant\nfour zero seven<|im_end|>\n"
@@ -145,41 +144,20 @@ def test_bundled_task_files_are_current_and_disjoint(tmp_path: Path) -> None:
     assert not _prompts(train) & _prompts(evals)
 
 
-def test_exact_match() -> None:
-    assert tiny.exact_match(" four zero  seven\n", "four zero seven")
-    assert not tiny.exact_match("four zero", "four zero seven")
-    assert not tiny.exact_match("four zero seven seven", "four zero seven")
-    assert not tiny.exact_match("Four zero seven", "four zero seven")
-
-
 def test_untrained_model_does_not_solve_the_task(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = tiny.task_records(50, seed=0, split="eval")
-    assert tiny.task_accuracy(model, tokenizer, records) <= 0.05
-
-
-def test_task_accuracy_counts_correct_answers(model_dir: Path) -> None:
-    # A "model" that answers every prompt right: greedy-decode the reference.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = tiny.task_records(5, seed=0, split="eval")
-
-    class Oracle(torch.nn.Module):
-        device = torch.device("cpu")
-
-        def generate(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
-            rows = []
-            for prompt_ids in input_ids:
-                user = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-                digits = user.split("spell: ")[1].split("\n")[0].split()
-                answer = " ".join(tiny.DIGIT_WORDS[int(d)] for d in digits) + tiny.IM_END
-                rows.append(prompt_ids.tolist() + tokenizer(answer)["input_ids"])
-            width = max(map(len, rows))
-            pad = tokenizer.pad_token_id
-            return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-
-    assert tiny.task_accuracy(Oracle(), tokenizer, records) == 1.0  # type: ignore[arg-type]
-    assert tiny.task_accuracy(Oracle(), tokenizer, records[:0]) == 0.0  # type: ignore[arg-type]
+    examples = [Example(messages=tuple(r["messages"])) for r in records]
+    accuracy = exact_match_accuracy(
+        model,
+        tokenizer,
+        examples,
+        chat_template=resolve_chat_template("auto", tokenizer),
+        max_new_tokens=12,
+        max_samples=50,
+    )
+    assert accuracy <= 0.05
 
 
 def test_data_dir_can_be_relocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

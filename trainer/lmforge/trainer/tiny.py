@@ -36,8 +36,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -228,11 +226,6 @@ def task_vocabulary_texts(n: int = 200) -> list[str]:
     ]
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    """Whether an answer equals the reference, ignoring surrounding and repeated whitespace."""
-    return prediction.split() == reference.split()
-
-
 def write_task_data(
     out_dir: Path, *, n_train: int = 1000, n_eval: int = 200, seed: int = 0
 ) -> tuple[Path, Path]:
@@ -248,55 +241,3 @@ def write_task_data(
         lines = [json.dumps(r) + "\n" for r in task_records(n, seed=seed, split=split)]
         path.write_text("".join(lines), encoding="utf-8")
     return train_path, eval_path
-
-
-def chatml_prompt(user: str) -> str:
-    """Render a one-turn ChatML conversation up to and including the generation prompt."""
-    return f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
-
-
-@torch.no_grad()
-def task_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict[str, Any]],
-    *,
-    batch_size: int = 64,
-    max_new_tokens: int = 12,
-) -> float:
-    """Exact-match accuracy of greedy answers to ``records`` (first user turn -> assistant).
-
-    Generation starts after the ChatML generation prompt and stops at
-    ``<|im_end|>`` or EOS.
-    """
-    stop_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
-    was_training = model.training
-    padding_side = tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # so every prompt ends where generation starts
-    correct = 0
-    try:
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            inputs = tokenizer(
-                [chatml_prompt(r["messages"][0]["content"]) for r in batch],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(model.device)
-            outputs = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            answers = tokenizer.batch_decode(
-                outputs[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            references = [r["messages"][1]["content"] for r in batch]
-            correct += sum(map(exact_match, answers, references))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return correct / len(records) if records else 0.0
