@@ -146,6 +146,10 @@ def resolve_run_config(
     )
 
 
+# How a training pod reports to the operator: annotations on its own pod (JSON).
+PROGRESS_ANNOTATION = "lmforge.io/progress"  # a kinds.Progress
+CHECKPOINT_ANNOTATION = "lmforge.io/last-checkpoint"  # {"step", "path", "time"}
+
 # Exit codes of `python -m lmforge.trainer run`: the operator classifies failures by them
 # (together with the container's termination message, a JSON object with `reason`).
 EXIT_BAD_CONFIG = 2  # the run config or the method does not fit: retrying cannot help

@@ -448,10 +448,33 @@ def test_progress_reaches_status_and_columns(
         f"lmforge.io/progress={json.dumps(report)}",
         check=True,
     )
+    checkpoint = {
+        "step": 20,
+        "path": "/mnt/output/finetunejob/watched/checkpoints/checkpoint-20",
+        "time": "2026-01-01T00:00:00Z",
+    }
+    crds.run(
+        "annotate",
+        "pod",
+        "-n",
+        namespace,
+        pod["metadata"]["name"],
+        f"lmforge.io/last-checkpoint={json.dumps(checkpoint)}",
+        check=True,
+    )
     progress = wait_for(
         lambda: status_of(crds, namespace, "watched").get("progress"), "progress in status"
     )
     assert progress == report
+    last = wait_for(
+        lambda: status_of(crds, namespace, "watched").get("lastCheckpoint"),
+        "lastCheckpoint in status",
+    )
+    assert last == {
+        "step": 20,
+        "time": "2026-01-01T00:00:00Z",
+        "uri": "pvc://watched-output/finetunejob/watched/checkpoints/checkpoint-20",
+    }
     _, row = crds.run("get", "ftj", "watched", "-n", namespace, check=True).stdout.splitlines()[:2]
     assert row.split()[1:4] == ["Running", "25", "1.5"]
 

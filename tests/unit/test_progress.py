@@ -42,3 +42,20 @@ def test_reports_reach_file_and_prometheus(tmp_path: Path) -> None:
         assert reporter.latest.loss == 1.25
     finally:
         reporter.finish({"step": 11})
+
+
+def test_checkpoints_are_announced_to_the_operator(tmp_path: Path) -> None:
+    """In a pod, a completed checkpoint becomes an annotation the operator copies to status."""
+    reporter = ProgressReporter(tmp_path, "demo-job")
+
+    class Pod:
+        annotations: dict[str, str] = {}
+
+        def annotate(self, key: str, value: str) -> None:
+            self.annotations[key] = value
+
+    pod = Pod()
+    reporter.pod = pod  # type: ignore[assignment]
+    reporter.checkpoint(40, tmp_path / "checkpoints" / "checkpoint-40")
+    report = json.loads(pod.annotations["lmforge.io/last-checkpoint"])
+    assert report["step"] == 40 and report["path"].endswith("checkpoint-40") and report["time"]

@@ -14,9 +14,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OUT_OF_MEMORY
+from lmforge.api.runconfig import (
+    CHECKPOINT_ANNOTATION,
+    EXIT_BAD_CONFIG,
+    EXIT_BAD_DATA,
+    EXIT_OUT_OF_MEMORY,
+    PROGRESS_ANNOTATION,
+)
 
-PROGRESS_ANNOTATION = "lmforge.io/progress"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
@@ -168,6 +173,8 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     output_uri: str = ""
     output_kind: str = "adapter"
+    output_claim: str = ""  # the output PVC, mounted at output_mount in the pods
+    output_mount: str = ""
     now: str = ""
 
 
@@ -211,16 +218,31 @@ def _job_condition(workload: dict[str, Any], type_: str) -> dict[str, Any] | Non
     return None
 
 
-def _progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The rank-0 pod's latest progress report (the trainer annotates its own pod)."""
+def _annotation(pods: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """A JSON report the trainer (rank 0) left on its own pod."""
     for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
-        text = (pod["metadata"].get("annotations") or {}).get(PROGRESS_ANNOTATION)
+        text = (pod["metadata"].get("annotations") or {}).get(key)
         if text:
             try:
                 return dict(json.loads(text))
             except ValueError:
                 continue
     return None
+
+
+def _last_checkpoint(obs: Observed) -> dict[str, Any] | None:
+    """status.lastCheckpoint: the trainer's path inside the pod as a pvc:// URI."""
+    report = _annotation(obs.pods, CHECKPOINT_ANNOTATION)
+    if not report or "step" not in report:
+        return None
+    path = str(report.get("path", ""))
+    uri = path
+    if obs.output_mount and path.startswith(obs.output_mount + "/"):
+        uri = f"pvc://{obs.output_claim}/{path[len(obs.output_mount) + 1 :]}"
+    out = {"step": int(report["step"]), "uri": uri}
+    if report.get("time"):
+        out["time"] = report["time"]
+    return out
 
 
 def _final_metrics(pods: list[dict[str, Any]]) -> dict[str, float]:
@@ -402,9 +424,12 @@ def _running(obs: Observed, status: _Status) -> Decision:
     pods = [p for p in obs.pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
     running = [p for p in pods if p["status"].get("phase") == "Running"]
     expected = int(spec.get("parallelism", 1))
-    progress = _progress(obs.pods)
+    progress = _annotation(obs.pods, PROGRESS_ANNOTATION)
     if progress:
         status.data["progress"] = progress
+    checkpoint = _last_checkpoint(obs)
+    if checkpoint:
+        status.data["lastCheckpoint"] = checkpoint
     if running and len(running) >= expected:
         status.data.setdefault("startTime", obs.now)
         status.condition("Restarting", False, "Running", "all ranks are running")

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN
     )
+    # Every handler run would log "succeeded"; keep warnings and errors only.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kube_config.ConfigException:

@@ -21,9 +21,11 @@ from lmforge.operator.lifecycle import TERMINAL_PHASES, Action, Observed, decide
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.render import (
     LABEL_ATTEMPT,
+    OUTPUT_MOUNT,
     LocalPathOnCluster,
     OperatorSettings,
     TrainingTarget,
+    output_claim_name,
     output_uri,
     plan_mounts,
     render_children,
@@ -116,6 +118,8 @@ class Reconciler:
             workload=current,
             pods=pods,
             output_uri=output_uri(target),
+            output_claim=output_claim_name(target),
+            output_mount=OUTPUT_MOUNT,
             output_kind="full" if spec_method_type(spec) in ("full", "lisa") else "adapter",
             now=lifecycle.now(),
         )

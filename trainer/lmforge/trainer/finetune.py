@@ -142,6 +142,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         callbacks=callbacks,
     )
     trainer.keep_checkpoints = spec.checkpoint.keep
+    if reporter is not None:
+        trainer.on_checkpoint = reporter.checkpoint
 
     checkpoints_dir = out / "checkpoints"
     if main:

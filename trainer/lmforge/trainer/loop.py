@@ -45,6 +45,7 @@ class AtomicCheckpointTrainer(Trainer):
     """A Trainer whose checkpoints appear only when complete (see `checkpoints`)."""
 
     keep_checkpoints: int = 2
+    on_checkpoint: Any = None  # called with (step, path) on rank 0 once a checkpoint is complete
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         final_dir = Path(self.args.output_dir)
@@ -62,6 +63,8 @@ class AtomicCheckpointTrainer(Trainer):
             published = checkpoints.publish(staged, final_dir)
             checkpoints.prune(final_dir, self.keep_checkpoints)
             log.info("checkpoint complete: %s", published)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.state.global_step, published)
         _barrier()
 
 

@@ -29,10 +29,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from lmforge.api.kinds import Progress
+from lmforge.api.runconfig import CHECKPOINT_ANNOTATION, PROGRESS_ANNOTATION
 
 log = logging.getLogger(__name__)
 
-PROGRESS_ANNOTATION = "lmforge.io/progress"
 TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 
@@ -107,17 +107,16 @@ class PodAnnotationSink:
         if not force and time.monotonic() - self.last < self.every:
             return
         self.last = time.monotonic()
-        body = {
-            "metadata": {
-                "annotations": {
-                    PROGRESS_ANNOTATION: progress.model_dump_json(by_alias=True, exclude_none=True)
-                }
-            }
-        }
+        self.annotate(
+            PROGRESS_ANNOTATION, progress.model_dump_json(by_alias=True, exclude_none=True)
+        )
+
+    def annotate(self, key: str, value: str) -> None:
+        body = {"metadata": {"annotations": {key: value}}}
         try:
             self.api.patch_namespaced_pod(self.pod, self.namespace, body)
-        except Exception as err:  # progress must never kill training
-            log.warning("could not annotate pod %s with progress: %s", self.pod, err)
+        except Exception as err:  # reporting must never kill training
+            log.warning("could not annotate pod %s with %s: %s", self.pod, key, err)
 
 
 @dataclass
@@ -185,6 +184,12 @@ class ProgressReporter:
         if self.pod is not None:
             self.pod.publish(self.latest, force=force)
         return self.latest
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        """A checkpoint became complete: tell the operator (status.lastCheckpoint)."""
+        if self.pod is not None:
+            report = {"step": step, "path": str(path), "time": now()}
+            self.pod.annotate(CHECKPOINT_ANNOTATION, json.dumps(report))
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Publish the final report and leave the summary as the termination message."""
