@@ -88,6 +88,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_answers(adapter: Path, count: int = 4) -> list[tuple[str, str]]:
     """Answers of the fine-tuned adapter to the first held-out prompts."""
     import json
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     import torch
     from peft import AutoPeftModelForCausalLM
