@@ -49,6 +49,31 @@ class Kube:
         doc = {"apiVersion": "v1", "kind": "List", "items": items}
         return self.run("apply", *flags, "-f", "-", input=json.dumps(doc), check=check)
 
+    def patch(
+        self,
+        kind: str,
+        name: str,
+        namespace: str,
+        body: dict[str, Any],
+        *,
+        subresource: str | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """A JSON merge patch, optionally on a subresource (status)."""
+        extra = [f"--subresource={subresource}"] if subresource else []
+        return self.run(
+            "patch",
+            kind,
+            name,
+            "-n",
+            namespace,
+            *extra,
+            "--type=merge",
+            "-p",
+            json.dumps(body),
+            check=check,
+        )
+
     def server_dry_run(
         self, obj: dict[str, Any], namespace: str
     ) -> subprocess.CompletedProcess[str]:

@@ -168,17 +168,7 @@ def test_examples_run_to_success(
             "reason Queued",
         )
         # Admission, as Kueue does it: unsuspend the Job. The operator must not fight it.
-        crds.run(
-            "patch",
-            "job",
-            f"{name}-0",
-            "-n",
-            namespace,
-            "--type=merge",
-            "-p",
-            '{"spec":{"suspend":false}}',
-            check=True,
-        )
+        crds.patch("job", f"{name}-0", namespace, {"spec": {"suspend": False}})
 
     proc = crds.run(
         "wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=90s"
@@ -261,8 +251,8 @@ def test_three_failure_paths(crds: Kube, operator: OperatorProcess, namespace: s
         lambda: condition(status_of(crds, namespace, "evicted"), "Disrupted"), "Disrupted condition"
     )
     assert disrupted["status"] == "True"
-    status = status_of(crds, namespace, "evicted")
-    assert status["restarts"] == 0 and status["phase"] == "Running"
+    _running(crds, namespace, "evicted")  # the replacement runs (status may lag a moment)
+    assert status_of(crds, namespace, "evicted")["restarts"] == 0
     assert "Disrupted" in [e["reason"] for e in events_of(crds, namespace, "evicted")]
     assert children(crds, namespace, "evicted")["job"] == ["evicted-0"]
 
@@ -288,17 +278,7 @@ def test_suspend_keeps_attempt_and_resumes(
 ) -> None:
     crds.apply(job("pause", {"lmforge.io/kwok-hold": "true"}), "-n", namespace)
     _running(crds, namespace, "pause")
-    crds.run(
-        "patch",
-        "ftj",
-        "pause",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":true}}}',
-        check=True,
-    )
+    crds.patch("ftj", "pause", namespace, {"spec": {"runPolicy": {"suspend": True}}})
     wait_for(lambda: phase(crds, namespace, "pause") == "Suspended", "Suspended")
     assert crds.get("job", "pause-0", "-n", namespace)["spec"]["suspend"] is True
     wait_for(
@@ -313,17 +293,7 @@ def test_suspend_keeps_attempt_and_resumes(
     )
     assert condition(status_of(crds, namespace, "pause"), "Suspended")["status"] == "True"
 
-    crds.run(
-        "patch",
-        "ftj",
-        "pause",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":false}}}',
-        check=True,
-    )
+    crds.patch("ftj", "pause", namespace, {"spec": {"runPolicy": {"suspend": False}}})
     _running(crds, namespace, "pause")
     status = status_of(crds, namespace, "pause")
     assert status["restarts"] == 0 and children(crds, namespace, "pause")["job"] == ["pause-0"]
