@@ -95,7 +95,7 @@ def _demo_answers(adapter: Path, count: int = 4) -> list[tuple[str, str]]:
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     import torch
     from peft import AutoPeftModelForCausalLM

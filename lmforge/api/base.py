@@ -41,10 +41,6 @@ class Rule:
     field: str = ""
     check: Callable[[Any], bool] | None = None
 
-    @property
-    def is_transition(self) -> bool:
-        return "oldSelf" in self.cel
-
 
 class ApiModel(BaseModel):
     """Base of every API object: camelCase on the wire, unknown fields rejected."""
@@ -54,7 +50,6 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         validate_default=True,
-        use_attribute_docstrings=False,
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()

@@ -182,6 +182,11 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
+    """The condition of this type, if any."""
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
 def set_condition(
     conditions: list[dict[str, Any]],
     type_: str,
@@ -194,7 +199,7 @@ def set_condition(
     """Upsert a condition; lastTransitionTime changes only when status flips."""
     value = "True" if status else "False"
     out = [c for c in conditions if c.get("type") != type_]
-    old = next((c for c in conditions if c.get("type") == type_), None)
+    old = find_condition(conditions, type_)
     changed = old is None or old.get("status") != value
     out.append(
         {

@@ -131,15 +131,8 @@ class Reconciler:
             target = replace(target, attempt=attempt + 1)
             self._apply(target, workload_suspended=None)
             self._delete_other_attempts(target, workloads)
-            reason = next(
-                (
-                    c["reason"]
-                    for c in decision.status.get("conditions", [])
-                    if c["type"] == "Restarting"
-                ),
-                "Unknown",
-            )
-            self.metrics.restarts.labels(kind, reason).inc()
+            restarting = lifecycle.find_condition(decision.status["conditions"], "Restarting")
+            self.metrics.restarts.labels(kind, (restarting or {}).get("reason", "Unknown")).inc()
         else:
             if decision.action is Action.APPLY:
                 suspended = current["spec"].get("suspend") if current else None
@@ -205,7 +198,7 @@ class Reconciler:
             if body is None:
                 return
             status = dict(body.get("status") or {})
-            previous = lifecycle_condition(status, "Disrupted")
+            previous = lifecycle.find_condition(status.get("conditions") or [], "Disrupted")
             if previous is not None and previous.get("message") == message:
                 return  # already recorded
             status["conditions"] = lifecycle.set_condition(
@@ -232,10 +225,6 @@ class Reconciler:
             labels = workload["metadata"].get("labels") or {}
             if labels.get(LABEL_ATTEMPT) != str(target.attempt):
                 self.kube.delete("Job", target.namespace, workload["metadata"]["name"])
-
-
-def lifecycle_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
 
 
 def spec_method_type(spec: Any) -> str:
