@@ -101,16 +101,18 @@ def _demo_answers(adapter: Path, count: int = 4) -> list[tuple[str, str]]:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
+    from lmforge.trainer.data import encode_prompt, resolve_chat_template
+
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
     lines = (DEMO_YAML.parent / "data" / "tiny-task-eval.jsonl").read_text().splitlines()
+    template = resolve_chat_template("auto", tokenizer)  # final/ keeps the trained template
     answers = []
     for line in lines[:count]:
         prompt = json.loads(line)["messages"][0]["content"]
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        ids = torch.tensor(
+            [encode_prompt([{"role": "user", "content": prompt}], tokenizer, template)]
         )
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,

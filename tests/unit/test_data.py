@@ -18,6 +18,7 @@ from lmforge.trainer.data import (  # noqa: E402
     DataCollator,
     DataError,
     Example,
+    encode_prompt,
     load_examples,
     load_source,
     resolve_chat_template,
@@ -744,3 +745,21 @@ def test_collator_drives_a_trainer_step_on_packed_data(tokenizer: Any, tmp_path:
     )
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", None])
+def test_prompt_for_generation_matches_training(tokenizer: Any, template: str | None) -> None:
+    """Evaluation and serving prompt the model exactly as training showed it the prompt."""
+    chat_template = NAMED_TEMPLATES[template] if template else None
+    (record,) = tokenize_examples(
+        [CHAT],
+        tokenizer,
+        chat_template=chat_template,
+        max_seq_length=512,
+        train_on_prompt=False,
+        packing=False,
+    ).records
+    prompt = encode_prompt(CHAT.messages[:-1], tokenizer, chat_template)
+    assert record["input_ids"][: len(prompt)] == prompt
+    # The first trained token comes right after the prompt of the last turn.
+    assert record["labels"][len(prompt)] != -100

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lmforge.trainer.data import Example
+from lmforge.trainer.data import Example, encode_prompt
 
 
 def normalize_answer(text: str) -> str:
@@ -43,13 +43,8 @@ def exact_match_accuracy(
     correct = 0
     for example in scored:
         last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-        prompt = tokenizer.apply_chat_template(
-            list(example.messages[:last]),
-            chat_template=chat_template,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        prompt = encode_prompt(example.messages[:last], tokenizer, chat_template)
+        ids = torch.tensor([prompt], device=device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -10,7 +10,7 @@ from lmforge.trainer.data.collate import DataCollator
 from lmforge.trainer.data.examples import DataError, DataProblem, Example
 from lmforge.trainer.data.loading import load_examples, load_source
 from lmforge.trainer.data.templates import NAMED_TEMPLATES, resolve_chat_template
-from lmforge.trainer.data.tokenization import TokenizedData, tokenize_examples
+from lmforge.trainer.data.tokenization import TokenizedData, encode_prompt, tokenize_examples
 
 __all__ = [
     "NAMED_TEMPLATES",
@@ -19,6 +19,7 @@ __all__ = [
     "DataProblem",
     "Example",
     "TokenizedData",
+    "encode_prompt",
     "load_examples",
     "load_source",
     "resolve_chat_template",

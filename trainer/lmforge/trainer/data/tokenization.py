@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,41 @@ def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     return ids
 
 
+def render_conversation(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: Any,
+    chat_template: str | None,
+    *,
+    generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """A conversation as text, exactly as training renders it (None: plain concatenation)."""
+    template = chat_template if chat_template is not None else PLAIN_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages],
+        tools=tools,
+        chat_template=template,
+        add_generation_prompt=generation_prompt,
+        tokenize=False,
+    )
+    return str(text)
+
+
+def _adds_special_tokens(chat_template: str | None) -> bool:
+    # Named templates write bos_token themselves; plain concatenation relies on the tokenizer.
+    return chat_template is None
+
+
+def encode_prompt(
+    messages: Sequence[Mapping[str, str]], tokenizer: Any, chat_template: str | None
+) -> list[int]:
+    """Token ids of a conversation up to the generation prompt, as the model saw it in training."""
+    text = render_conversation(messages, tokenizer, chat_template, generation_prompt=True)
+    return list(
+        tokenizer(text, add_special_tokens=_adds_special_tokens(chat_template))["input_ids"]
+    )
+
+
 def _encode_chat(
     example: Example,
     tokenizer: Any,
@@ -128,17 +163,15 @@ def _encode_chat(
 ) -> tuple[list[int], list[int]] | None:
     messages = [dict(message) for message in example.messages + example.chosen]
     tools = [dict(tool) for tool in example.tools] or None
-    template = chat_template if chat_template is not None else PLAIN_TEMPLATE
 
     def render(conversation: list[dict[str, str]], generation_prompt: bool) -> str:
-        text = tokenizer.apply_chat_template(
+        return render_conversation(
             conversation,
+            tokenizer,
+            chat_template,
+            generation_prompt=generation_prompt,
             tools=tools,
-            chat_template=template,
-            add_generation_prompt=generation_prompt,
-            tokenize=False,
         )
-        return str(text)
 
     try:
         full = render(messages, False)
@@ -150,9 +183,8 @@ def _encode_chat(
         return None
     # Trailing whitespace after the last turn would only be an untrained token before EOS.
     text = full.rstrip()
-    # Named templates write bos_token themselves; plain concatenation relies on the tokenizer.
     encoding = tokenizer(
-        text, add_special_tokens=chat_template is None, return_offsets_mapping=True
+        text, add_special_tokens=_adds_special_tokens(chat_template), return_offsets_mapping=True
     )
     ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"]
