@@ -96,13 +96,16 @@ def rule_problems(model: BaseModel, path: str = "") -> Iterator[Problem]:
                     yield from rule_problems(item, f"{sub}[{i}]")
 
 
+_UNION_BRANCHES = {"int", "str", "float", "bool"}
+
+
 def _format_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("int", "str", "function-after[_check_quantity(), str]"):
-            continue  # union branch names carry no information for the user
+        elif part in _UNION_BRANCHES or "[" in str(part):
+            continue  # pydantic's union branch tags (int, function-after[...]) are no field
         else:
             out += f".{part}" if out else str(part)
     return out or "<root>"
