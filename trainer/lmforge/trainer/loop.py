@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lmforge.trainer import checkpoints
+from lmforge.trainer import checkpoints, sharding
 from lmforge.trainer.model import Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -46,6 +46,10 @@ class AtomicCheckpointTrainer(Trainer):
 
     keep_checkpoints: int = 2
     on_checkpoint: Any = None  # called with (step, path) on rank 0 once a checkpoint is complete
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        sharding.engage_fsdp_on_cpu(self)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         final_dir = Path(self.args.output_dir)
@@ -194,15 +198,24 @@ def deepspeed_config(strategy: str) -> dict[str, Any]:
 
 
 def fsdp_arguments(layer_class: str, gradient_checkpointing: bool) -> dict[str, Any]:
-    """Trainer arguments for fully sharded data parallel, wrapping each decoder layer."""
+    """Trainer arguments for FSDP2 (`fully_shard`), one unit per decoder layer.
+
+    Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own
+    shard, nothing is gathered on rank 0, and a resume may use another world size.
+    """
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": [layer_class],
-            "use_orig_params": True,  # PEFT: frozen and trainable params in one unit
-            "sync_module_states": True,
+            "reshard_after_forward": True,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+            # FSDP's own activation checkpointing replaces the Trainer's (not both).
             "activation_checkpointing": gradient_checkpointing,
         },
+        "activation_checkpointing": False,
     }
 
 
