@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lmforge.trainer import checkpoints, sharding
-from lmforge.trainer.model import Precision
+from lmforge.trainer.model import MethodError, Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -190,8 +190,9 @@ def deepspeed_config(strategy: str) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
+        # train_batch_size is left out: DeepSpeed derives it (micro x accumulation x world),
+        # while the Trainer's "auto" fill can run before the world size is known.
         "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
@@ -222,22 +223,33 @@ def fsdp_arguments(layer_class: str, gradient_checkpointing: bool) -> dict[str, 
 def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     """Trainer arguments for the resolved distributed strategy."""
     strategy = config.spec.distributed.strategy
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if strategy.startswith("zero"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise MethodError(
+                f"distributed.strategy {strategy} needs DeepSpeed, which is not installed here; "
+                "install the `train` extra (`pip install lmforge[train]`)"
+            ) from None
+        if not cuda and world_size > 1:
+            # accelerate gives a DeepSpeed run without CUDA no process group: each rank
+            # would silently train alone.
+            raise MethodError(
+                f"distributed.strategy {strategy} without GPUs runs one process only "
+                f"(this run has {world_size}); use fsdp or ddp on CPU"
+            )
+        # ZeRO also pays at world size 1 (offload); without CUDA it runs on DeepSpeed's
+        # CPU accelerator, which accelerate reaches only when `use_cpu` is off.
+        return {"deepspeed": deepspeed_config(strategy), "use_cpu": False}
+    if world_size == 1:
         return {}
-    args: dict[str, Any] = {"ddp_backend": "nccl" if torch.cuda.is_available() else "gloo"}
-    if strategy == "ddp":
-        return args
+    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo"}
     if strategy == "fsdp":
         layer = type(_decoder_layers(model)[0]).__name__
         return args | fsdp_arguments(layer, config.spec.training.gradient_checkpointing)
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise RuntimeError(
-            f"distributed.strategy {strategy} needs DeepSpeed, which is not installed in this "
-            "image; use the LMForge trainer image or `pip install deepspeed`"
-        ) from None
-    return args | {"deepspeed": deepspeed_config(strategy)}
+    return args
 
 
 def training_arguments(
