@@ -67,7 +67,9 @@ class ModelShape:
                 value = config.get(name)
                 if isinstance(value, int) and value > 0:
                     return value
-            raise ValueError(f"{source}: field {names[0]!r} missing (needed for the memory estimate)")
+            raise ValueError(
+                f"{source}: field {names[0]!r} missing (needed for the memory estimate)"
+            )
 
         heads = need("num_attention_heads", "n_head")
         return cls(
@@ -159,8 +161,9 @@ class MemoryEstimate:
         gathered = 2 * self.layer_weights  # the current layer plus the prefetched next one
         if strategy in ("fsdp", "zero3"):
             return (self.weights + states) / n + gathered + self.activations
-        # zero3-offload: parameters and optimizer states live in host memory.
-        return gathered + self.gradients / n + self.activations
+        # zero3-offload: parameters, gradients and optimizer states live in host memory;
+        # the GPU holds the layers being computed and the activations.
+        return gathered + self.activations
 
     def describe(self) -> str:
         return (

@@ -74,7 +74,9 @@ def test_parameter_counts_match_real_models(tied: bool, kv_heads: int) -> None:
     model = LlamaForCausalLM(config)
     assert shape.parameters == sum(p.numel() for p in model.parameters())
 
-    spec = _spec(method={"type": "lora", "lora": {"rank": 8, "targetModules": ["q_proj", "v_proj"]}})
+    spec = _spec(
+        method={"type": "lora", "lora": {"rank": 8, "targetModules": ["q_proj", "v_proj"]}}
+    )
     lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     trained = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert trainable_parameters(shape, spec.method) == trained
@@ -92,12 +94,15 @@ def test_full_adamw_costs_sixteen_bytes_per_parameter() -> None:
     states = estimate.weights + estimate.gradients + estimate.optimizer
     assert states == 16 * 8_030_261_248  # fp32 weights + fp32 grads + two fp32 moments
     eight_bit = estimate_memory(
-        ModelShape.from_config(LLAMA3_8B), _spec(method={"type": "full"}, training={"optimizer": "adamw-8bit"})
+        ModelShape.from_config(LLAMA3_8B),
+        _spec(method={"type": "full"}, training={"optimizer": "adamw-8bit"}),
     )
     assert eight_bit.optimizer == estimate.optimizer / 4
     checkpointed = estimate_memory(
         ModelShape.from_config(LLAMA3_8B),
-        _spec(method={"type": "full"}, training={"precision": "bf16", "gradientCheckpointing": True}),
+        _spec(
+            method={"type": "full"}, training={"precision": "bf16", "gradientCheckpointing": True}
+        ),
     )
     tokens, hidden, layers, vocab = 2048, 4096, 32, 128256  # batch 1 x maxSeqLength 2048
     logits = tokens * vocab * (2 + 4)  # bf16 logits and their fp32 copy for the loss
@@ -165,7 +170,9 @@ def test_auto_says_when_nothing_fits() -> None:
 def test_auto_on_cpu_and_without_a_config() -> None:
     cpu = plan_strategy(LLAMA3_8B, _spec(distributed={"gpusPerNode": 0}), None)
     assert cpu.strategy == "ddp" and cpu.reason.startswith("no GPUs")
-    unknown = plan_strategy(None, _spec(method={"type": "full"}, distributed={"gpusPerNode": 4}), H100)
+    unknown = plan_strategy(
+        None, _spec(method={"type": "full"}, distributed={"gpusPerNode": 4}), H100
+    )
     assert unknown.strategy == "fsdp" and "model size unknown" in unknown.reason
     assert unknown.estimate is None
 

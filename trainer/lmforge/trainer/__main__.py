@@ -101,7 +101,12 @@ def _pass_through_stderr(proc: subprocess.Popen[str]) -> list[str]:
 
 
 def run(config_path: Path) -> int:
-    from lmforge.trainer.launch import resolve_auto_strategy, torchrun_command, under_torchrun
+    from lmforge.trainer.launch import (
+        resolve_auto_strategy,
+        strategy_problem,
+        torchrun_command,
+        under_torchrun,
+    )
 
     try:
         config = RunConfig.load(config_path)
@@ -113,6 +118,12 @@ def run(config_path: Path) -> int:
         level = logging.INFO if choice.fits else logging.WARNING
         logging.getLogger("lmforge.trainer").log(level, "%s", choice.describe())
     strategy = config.spec.distributed.strategy
+    if strategy.startswith("zero"):
+        import torch
+
+        problem = strategy_problem(config, torch.cuda.is_available())
+        if problem:
+            return fail(EXIT_BAD_CONFIG, "InvalidStrategy", problem)
     command = torchrun_command(
         config_path,
         config.spec.distributed.processes_per_node or 1,

@@ -87,3 +87,16 @@ def resolve_auto_strategy(config: RunConfig) -> tuple[RunConfig, StrategyChoice 
     resolved = config.model_copy(deep=True)
     resolved.spec.distributed.strategy = choice.strategy
     return resolved, choice
+
+
+def strategy_problem(config: RunConfig, cuda: bool) -> str | None:
+    """Why this machine cannot run the config's strategy, or None."""
+    strategy, processes = config.spec.distributed.strategy, config.spec.distributed.processes
+    if strategy.startswith("zero") and not cuda and processes > 1:
+        # accelerate gives a DeepSpeed run without CUDA no process group: every rank
+        # would silently train alone.
+        return (
+            f"distributed.strategy {strategy} without GPUs runs one process only (this run "
+            f"has {processes}); use fsdp or ddp on CPU"
+        )
+    return None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lmforge.trainer import checkpoints, sharding
+from lmforge.trainer.launch import strategy_problem
 from lmforge.trainer.model import MethodError, Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -233,13 +234,9 @@ def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, A
                 f"distributed.strategy {strategy} needs DeepSpeed, which is not installed here; "
                 "install the `train` extra (`pip install lmforge[train]`)"
             ) from None
-        if not cuda and world_size > 1:
-            # accelerate gives a DeepSpeed run without CUDA no process group: each rank
-            # would silently train alone.
-            raise MethodError(
-                f"distributed.strategy {strategy} without GPUs runs one process only "
-                f"(this run has {world_size}); use fsdp or ddp on CPU"
-            )
+        problem = strategy_problem(config, cuda)
+        if problem:
+            raise MethodError(problem)
         # ZeRO also pays at world size 1 (offload); without CUDA it runs on DeepSpeed's
         # CPU accelerator, which accelerate reaches only when `use_cpu` is off.
         return {"deepspeed": deepspeed_config(strategy), "use_cpu": False}
