@@ -15,6 +15,7 @@ check the run is sensitive to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from lmforge.trainer import checkpoints
@@ -96,6 +98,19 @@ def _assert_same_weights(final: Path, baseline: Path) -> None:
         assert float((got[name] - tensor).abs().max()) <= 1e-3 * scale, name
 
 
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the run and every process under it, as a node failure would: torchrun
+    starts its workers in sessions of their own, so killing the group is not enough."""
+    tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    for pid in tree[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def baselines(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, Path]:
     """One plain process per method: the losses and weights every strategy must reproduce."""
@@ -135,8 +150,7 @@ def test_fsdp_full_resumes_after_sigkill_into_another_world_size(
         if checkpoints.latest_complete_checkpoint(ckpts) is not None:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_tree(proc)
     latest = checkpoints.latest_complete_checkpoint(ckpts)
     assert latest is not None, "no checkpoint was written before the deadline"
     assert not (out / "metrics.json").exists(), "the run finished before it was killed"
