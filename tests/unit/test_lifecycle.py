@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from lmforge.operator.training.lifecycle import (
-    PROGRESS_ANNOTATION,
     Action,
     Decision,
     Failure,
@@ -23,7 +22,13 @@ from lmforge.operator.training.lifecycle import (
 )
 
 from lmforge.api.kinds import TrainingJobStatus
-from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OUT_OF_MEMORY
+from lmforge.api.runconfig import (
+    EXIT_BAD_CONFIG,
+    EXIT_BAD_DATA,
+    EXIT_OUT_OF_MEMORY,
+    REPORT_CHECKPOINT,
+    REPORT_PROGRESS,
+)
 
 Obj = dict[str, Any]
 
@@ -306,16 +311,36 @@ def test_a_workload_waiting_for_kueue_is_pending_queued() -> None:
 
 def test_running_pods_report_progress_into_status() -> None:
     progress = {"step": 120, "totalSteps": 2000, "percent": 6, "loss": 1.73, "etaSeconds": 3600}
-    pods = [
-        pod(0, phase="Running", annotations={PROGRESS_ANNOTATION: json.dumps(progress)}),
-        pod(1, phase="Running"),
-    ]
-    decision = decide(observed(status={"phase": "Initializing"}, workload=workload(), pods=pods))
+    pods = [pod(0, phase="Running"), pod(1, phase="Running")]
+    report = {REPORT_PROGRESS: json.dumps(progress)}
+    decision = decide(
+        observed(status={"phase": "Initializing"}, workload=workload(), pods=pods, report=report)
+    )
     assert decision.status["phase"] == "Running"
     assert decision.status["progress"] == progress
     assert decision.status["startTime"] == T1
     assert decision.action is Action.APPLY
     assert_valid_status(decision)
+
+
+def test_reported_checkpoint_becomes_a_pvc_uri_in_status() -> None:
+    pods = [pod(0, phase="Running")]
+    checkpoint = {"step": 40, "path": "/mnt/output/ftj/x/checkpoints/checkpoint-40", "time": T1}
+    decision = decide(
+        observed(
+            workload=workload(),
+            pods=pods,
+            report={REPORT_CHECKPOINT: json.dumps(checkpoint), REPORT_PROGRESS: "not json"},
+            output_claim="x-output",
+            output_mount="/mnt/output",
+        )
+    )
+    assert decision.status["lastCheckpoint"] == {
+        "step": 40,
+        "uri": "pvc://x-output/ftj/x/checkpoints/checkpoint-40",
+        "time": T1,
+    }
+    assert "progress" not in decision.status  # a garbled report is ignored, not fatal
 
 
 def test_not_all_ranks_running_is_initializing() -> None:

@@ -15,11 +15,11 @@ from enum import StrEnum
 from typing import Any
 
 from lmforge.api.runconfig import (
-    CHECKPOINT_ANNOTATION,
     EXIT_BAD_CONFIG,
     EXIT_BAD_DATA,
     EXIT_OUT_OF_MEMORY,
-    PROGRESS_ANNOTATION,
+    REPORT_CHECKPOINT,
+    REPORT_PROGRESS,
 )
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -172,6 +172,7 @@ class Observed:
     dependencies: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     workload: dict[str, Any] | None = None  # the batch/v1 Job of the current attempt
     pods: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, str] = field(default_factory=dict)  # data of the job's report ConfigMap
     output_uri: str = ""
     output_kind: str = "adapter"
     output_claim: str = ""  # the output PVC, mounted at output_mount in the pods
@@ -224,21 +225,21 @@ def _job_condition(workload: dict[str, Any], type_: str) -> dict[str, Any] | Non
     return None
 
 
-def _annotation(pods: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """A JSON report the trainer (rank 0) left on its own pod."""
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
-        text = (pod["metadata"].get("annotations") or {}).get(key)
-        if text:
-            try:
-                return dict(json.loads(text))
-            except ValueError:
-                continue
-    return None
+def _reported(obs: Observed, key: str) -> dict[str, Any] | None:
+    """A JSON report the trainer (rank 0) left in the job's report ConfigMap."""
+    text = obs.report.get(key)
+    if not text:
+        return None
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return None
+    return dict(found) if isinstance(found, dict) else None
 
 
 def _last_checkpoint(obs: Observed) -> dict[str, Any] | None:
     """status.lastCheckpoint: the trainer's path inside the pod as a pvc:// URI."""
-    report = _annotation(obs.pods, CHECKPOINT_ANNOTATION)
+    report = _reported(obs, REPORT_CHECKPOINT)
     if not report or "step" not in report:
         return None
     path = str(report.get("path", ""))
@@ -424,7 +425,7 @@ def _running(obs: Observed, status: _Status) -> Decision:
     pods = [p for p in obs.pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
     running = [p for p in pods if p["status"].get("phase") == "Running"]
     expected = int(spec.get("parallelism", 1))
-    progress = _annotation(obs.pods, PROGRESS_ANNOTATION)
+    progress = _reported(obs, REPORT_PROGRESS)
     if progress:
         status.data["progress"] = progress
     checkpoint = _last_checkpoint(obs)

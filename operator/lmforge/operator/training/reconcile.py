@@ -29,6 +29,7 @@ from lmforge.operator.training.render import (
     output_uri,
     plan_mounts,
     render_children,
+    report_name,
     workload_name,
 )
 from pydantic import ValidationError
@@ -101,6 +102,7 @@ class Reconciler:
             (w for w in workloads if w["metadata"]["name"] == workload_name(target)), None
         )
         pods = self.kube.pods_of(kind, namespace, name, attempt) if current else []
+        report = self.kube.get("ConfigMap", namespace, report_name(target)) if current else None
         observed = Observed(
             generation=generation,
             status=status,
@@ -110,6 +112,7 @@ class Reconciler:
             dependencies=dependencies,
             workload=current,
             pods=pods,
+            report=dict((report or {}).get("data") or {}),
             output_uri=output_uri(target),
             output_claim=output_claim_name(target),
             output_mount=OUTPUT_MOUNT,
