@@ -612,3 +612,45 @@ def test_trainer_token_may_write_its_report_and_nothing_else(
         crds.get("pod", other_pod["metadata"]["name"], "-n", namespace)["metadata"].get("labels")
         or {}
     )
+
+
+def test_stuck_jobs_say_why_within_seconds(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """A missing input volume, GPUs no node has, a missing Secret: each shows up as a
+    condition naming the cause, instead of pods pending in silence."""
+    crds.apply(
+        [
+            job("no-volume", dataset={"sources": [{"uri": "pvc://data/train.jsonl"}]}),
+            job("too-big", distributed={"gpusPerNode": 16}),
+            job(
+                "no-secret",
+                {"lmforge.io/kwok-stuck": "missing-secret"},
+                model={"source": "hf://org/base-model", "secretRef": {"name": "hf-token"}},
+            ),
+        ],
+        "-n",
+        namespace,
+    )
+    expected = {
+        "no-volume": ("MissingVolume", 'PersistentVolumeClaim "data" not found'),
+        "too-big": ("Unschedulable", "Insufficient nvidia.com/gpu"),
+        "no-secret": ("MissingSecret", 'secret "hf-token" not found'),
+    }
+    started = time.monotonic()
+    for name, (reason, says) in expected.items():
+        stalled = wait_for(
+            lambda n=name, r=reason: (
+                (c := condition(status_of(crds, namespace, n), "Stalled"))
+                and c["status"] == "True"
+                and c["reason"] == r
+                and c
+            ),
+            f"{name}: Stalled with reason {reason}",
+            timeout=max(1.0, 10 - (time.monotonic() - started)),
+        )
+        assert says in stalled["message"], stalled
+    assert children(crds, namespace, "no-volume")["job"] == []  # nothing left pending
+    # Creating the claim lets the job go on.
+    _claims(crds, namespace, "data")
+    wait_for(lambda: children(crds, namespace, "no-volume")["job"], "no-volume's Job")
