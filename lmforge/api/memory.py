@@ -16,6 +16,7 @@ Bytes per parameter, as LMForge trains (see lmforge.trainer.model):
   compute dtype (Korthikanti et al. 2022, with fused attention so the s^2 term
   vanishes); with gradient checkpointing one value per layer plus one full layer;
   plus the logits and their fp32 copy for the loss.
+An AlignmentJob's reference and reward models are not counted (yet).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lmforge.api.common import ADAPTER_TYPES, TuningMethod
-from lmforge.api.kinds import FinetuneJobSpec
+from lmforge.api.kinds import TrainingJobSpec
 
 GIB = 1024**3
 # Of a GPU's memory, the share a run may plan to use (CUDA context, allocator fragmentation).
@@ -184,9 +185,9 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
 
 
-def estimate_memory(shape: ModelShape, spec: FinetuneJobSpec) -> MemoryEstimate:
+def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
     """The memory a run of `spec` needs for a model of `shape`."""
-    method, training = spec.method, spec.training
+    method, training = spec.tuning, spec.training
     max_seq_length = spec.dataset.max_seq_length
     on_gpu = spec.distributed.gpus_per_node > 0
     total = shape.parameters
@@ -289,7 +290,7 @@ def choose_strategy(
 
 def plan_strategy(
     model_config: Mapping[str, Any] | None,
-    spec: FinetuneJobSpec,
+    spec: TrainingJobSpec,
     gpu_memory: int | None,
     source: str = "config.json",
 ) -> StrategyChoice:
@@ -302,7 +303,7 @@ def plan_strategy(
     on_gpus = distributed.gpus_per_node > 0 and gpu_memory is not None
     if model_config is None:
         # Without the model's size: shard full fine-tuning over several GPUs, else DDP.
-        sharded = on_gpus and distributed.processes > 1 and spec.method.type == "full"
+        sharded = on_gpus and distributed.processes > 1 and spec.tuning.type == "full"
         return StrategyChoice(
             "fsdp" if sharded else "ddp",
             f"model size unknown ({source} not readable): "
@@ -313,5 +314,5 @@ def plan_strategy(
         estimate,
         processes=distributed.processes,
         gpu_memory=gpu_memory if on_gpus else None,
-        quantized=spec.method.type == "qlora",
+        quantized=spec.tuning.type == "qlora",
     )

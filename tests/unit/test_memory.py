@@ -192,7 +192,7 @@ def test_trainer_resolves_auto_from_the_model_directory(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     obj = copy.deepcopy(BASE["FinetuneJob"])
     obj["spec"]["distributed"] = {"gpusPerNode": 0, "processesPerNode": 2}
-    config = resolve_run_config(parse_object(obj), model=str(tmp_path), output="o")
+    config = resolve_run_config(parse_object(obj), models={"model": str(tmp_path)}, output="o")
     assert config.spec.distributed.strategy == "auto"  # the run config leaves it to the trainer
     resolved, choice = resolve_auto_strategy(config)
     assert choice is not None and resolved.spec.distributed.strategy == choice.strategy == "ddp"
