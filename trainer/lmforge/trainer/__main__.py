@@ -118,7 +118,7 @@ def run(config_path: Path) -> int:
         level = logging.INFO if choice.fits else logging.WARNING
         logging.getLogger("lmforge.trainer").log(level, "%s", choice.describe())
     strategy = config.spec.distributed.strategy
-    if strategy.startswith("zero"):
+    if strategy.startswith("zero") and config.spec.distributed.processes > 1:
         import torch
 
         problem = strategy_problem(config, torch.cuda.is_available())

@@ -83,7 +83,9 @@ def resolve_auto_strategy(config: RunConfig) -> tuple[RunConfig, StrategyChoice 
     if config.spec.distributed.strategy != "auto":
         return config, None
     source = str(Path(config.paths.model) / "config.json")
-    choice = plan_strategy(model_config(config.paths.model), config.spec, gpu_memory(), source)
+    # torch only where GPUs are asked for: a CPU launcher stays light.
+    memory = gpu_memory() if config.spec.distributed.gpus_per_node > 0 else None
+    choice = plan_strategy(model_config(config.paths.model), config.spec, memory, source)
     resolved = config.model_copy(deep=True)
     resolved.spec.distributed.strategy = choice.strategy
     return resolved, choice
