@@ -6,10 +6,13 @@
 #   luahealth   hack/luahealth: a tiny Go program that runs Argo CD health.lua scripts
 #               under gopher-lua, the Lua engine Argo CD itself embeds
 #   prometheus, promtool   Debian's `prometheus` package (apt-get, when missing and root)
-# Prints the directory holding helm and luahealth. A warm run returns at once.
+#   @grafana/schema + typescript   from npm, for type-checking the Grafana dashboard
+# Prints the directory holding helm, luahealth and grafana-schema/node_modules. A warm run returns at once.
 set -euo pipefail
 
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+GRAFANA_SCHEMA_VERSION="${GRAFANA_SCHEMA_VERSION:-12.4.11}"
+TYPESCRIPT_VERSION="${TYPESCRIPT_VERSION:-5.9.3}"
 # gopher-lua: pinned in hack/luahealth/go.mod (v1.1.1, the version Argo CD builds with).
 CACHE="${LMFORGE_CACHE:-$HOME/.cache/lmforge}"
 BIN="$CACHE/bin/tools-helm-$HELM_VERSION"
@@ -30,6 +33,21 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     echo "warning: prometheus/promtool missing; install Debian's 'prometheus' package" >&2
   fi
 fi
+
+# @grafana/schema and tsc, to type-check the Grafana dashboard (npm registry).
+NPM_DIR="$BIN/grafana-schema-$GRAFANA_SCHEMA_VERSION-typescript-$TYPESCRIPT_VERSION"
+if [ ! -x "$NPM_DIR/node_modules/typescript/bin/tsc" ] || [ ! -d "$NPM_DIR/node_modules/@grafana/schema" ]; then
+  if command -v npm >/dev/null; then
+    echo "installing @grafana/schema $GRAFANA_SCHEMA_VERSION and typescript $TYPESCRIPT_VERSION" >&2
+    rm -rf "$NPM_DIR.tmp" && mkdir -p "$NPM_DIR.tmp" && echo '{"private": true}' > "$NPM_DIR.tmp/package.json"
+    npm install --prefix "$NPM_DIR.tmp" --no-audit --no-fund --silent \
+      "@grafana/schema@$GRAFANA_SCHEMA_VERSION" "typescript@$TYPESCRIPT_VERSION" >&2
+    rm -rf "$NPM_DIR" && mv "$NPM_DIR.tmp" "$NPM_DIR"
+  else
+    echo "warning: npm missing; the dashboard type check needs it" >&2
+  fi
+fi
+[ -d "$NPM_DIR" ] && ln -sfn "$(basename "$NPM_DIR")" "$BIN/grafana-schema"
 
 # luahealth is keyed by its source too, so an edited harness is rebuilt.
 lua_sum="$(cat "$HERE"/luahealth/{main.go,go.mod,go.sum} | sha256sum | cut -c1-12)"
