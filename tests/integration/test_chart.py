@@ -6,6 +6,8 @@ simulated; the operator itself runs out of cluster with the ServiceAccount's tok
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +257,46 @@ def test_upgrade_to_namespace_scoped_then_uninstall_keeps_crds_and_jobs(
         assert installed.get("finetunejob", "kept", "-n", namespace)["metadata"]["name"] == "kept"
     finally:
         installed.run("delete", "namespace", other, "--wait=false")
+
+
+def test_readme_argocd_snippet_adds_the_health_checks(installed: Kube) -> None:
+    """The README's command patches argocd-cm with the chart's health.lua files."""
+    readme = (ROOT / "README.md").read_text()
+    (snippet,) = [
+        block
+        for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+        if "resource.customizations.health" in block
+    ]
+    installed.run("create", "namespace", "argocd")
+    installed.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "argocd-cm", "namespace": "argocd"},
+            "data": {"url": "https://argocd.example"},
+        }
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{installed.kubectl_bin.parent}:{os.environ['PATH']}",
+        "KUBECONFIG": str(installed.kubeconfig),
+    }
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", snippet],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = installed.get("configmap", "argocd-cm", "-n", "argocd")["data"]
+    lua = ROOT / "charts/lmforge/files/argocd"
+    assert data["url"] == "https://argocd.example"  # merged, not replaced
+    for kind, script in (
+        ("FinetuneJob", "training-job-health.lua"),
+        ("AlignmentJob", "training-job-health.lua"),
+        ("InferenceService", "inferenceservice-health.lua"),
+    ):
+        assert (
+            data[f"resource.customizations.health.lmforge.io_{kind}"] == (lua / script).read_text()
+        )

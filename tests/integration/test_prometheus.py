@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dashboard_preview  # hack/, on sys.path through tests/conftest.py
 import pytest
 import yaml
 
@@ -140,25 +141,6 @@ def training_run(tiny_model: Path, tmp_path: Path, port: int) -> subprocess.Pope
     )
 
 
-def panel_queries() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [
-        (panel["title"], target["expr"])
-        for panel in dashboard["panels"]
-        for target in panel.get("targets", [])
-    ]
-
-
-def as_grafana_would(expr: str, range_seconds: int) -> str:
-    """Grafana's variables with the dashboard's defaults (All)."""
-    return (
-        expr.replace("$namespace", ".*")
-        .replace("$job_name", ".*")
-        .replace("$__rate_interval", "15s")
-        .replace("$__range", f"{range_seconds}s")
-    )
-
-
 def test_dashboard_queries_return_data_from_a_real_scrape(
     crds: Kube,
     operator: OperatorProcess,
@@ -213,16 +195,14 @@ def test_dashboard_queries_return_data_from_a_real_scrape(
     assert all(t["scrapeUrl"].startswith("http://127.0.0.1:") for t in targets)
 
     end = time.time()
-    empty = []
-    for title, expr in panel_queries():
-        query = as_grafana_would(expr, int(end - started) + 1)
-        result = prometheus.api("query_range", query=query, start=started, end=end, step=1)[
-            "result"
-        ]
-        values = [v for series in result for _, v in series["values"] if v != "NaN"]
-        if not values:
-            empty.append((title, query))
+    panels = dashboard_preview.evaluate(prometheus.base, started, end)
+    assert len(panels) >= 14
+    empty = [(p.title, p.query) for p in panels if not any(v for _, _, v in p.series)]
     assert empty == [], "dashboard panels without data"
+    # The preview committed under docs/ is drawn from such a run (LMFORGE_PREVIEW=path).
+    preview = Path(os.environ.get("LMFORGE_PREVIEW") or tmp_path / "preview.png")
+    dashboard_preview.draw(panels, preview)
+    assert preview.stat().st_size > 10_000
 
     dashboard = json.loads(DASHBOARD.read_text())
     for variable in dashboard["templating"]["list"]:
@@ -230,7 +210,11 @@ def test_dashboard_queries_return_data_from_a_real_scrape(
             metric, label = variable["query"]["query"][len("label_values(") : -1].rsplit(", ", 1)
             values = prometheus.api(
                 f"label/{label}/values",
-                **{"match[]": as_grafana_would(metric, 60), "start": started, "end": end},
+                **{
+                    "match[]": dashboard_preview.as_grafana_would(metric, 60),
+                    "start": started,
+                    "end": end,
+                },
             )
             assert namespace in values or "watched" in values, (variable["name"], values)
 
