@@ -9,13 +9,14 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.integration.conftest import OperatorProcess, condition, status_of, wait_for
 from tests.integration.test_operator import _claims, prerequisites  # noqa: F401
 from tests.kube import Kube
 
@@ -134,12 +135,24 @@ def test_operator_as_the_service_account_runs_the_examples(
             installed.run(
                 "apply", "-n", namespace, "-f", str(ROOT / "examples" / example), check=True
             )
+        # Admission, as Kueue does it, once the operator reports the job Queued.
         queued = EXAMPLES["finetunejob-queued.yaml"]
         wait_for(
-            lambda: installed.run("get", "job", f"{queued}-0", "-n", namespace).returncode == 0,
-            "the queued Job",
+            lambda: (
+                (c := condition(status_of(installed, namespace, queued), "Reconciling"))
+                and c["reason"] == "Queued"
+            ),
+            "reason Queued",
         )
-        installed.patch("job", f"{queued}-0", namespace, {"spec": {"suspend": False}})
+
+        def admit() -> bool:
+            # Level-triggered, as Kueue's job controller: unsuspend until the job moves on
+            # (a reconcile that read the Job before the patch may apply suspend again).
+            installed.patch("job", f"{queued}-0", namespace, {"spec": {"suspend": False}})
+            time.sleep(1)
+            return status_of(installed, namespace, queued).get("phase") != "Pending"
+
+        wait_for(admit, "the queued job admitted", timeout=60, interval=1)
         for name in EXAMPLES.values():
             proc = installed.run(
                 "wait",
@@ -147,9 +160,10 @@ def test_operator_as_the_service_account_runs_the_examples(
                 namespace,
                 "--for=condition=Succeeded",
                 f"finetunejob/{name}",
-                "--timeout=120s",
+                "--timeout=180s",
+                timeout=200,
             )
-            assert proc.returncode == 0, proc.stderr
+            assert proc.returncode == 0, (name, status_of(installed, namespace, name))
         assert "lmforge_operator_leader 1.0" in operator.metrics()
         lease = installed.get("lease", "lmforge-operator", "-n", SYSTEM)
         assert lease["spec"]["holderIdentity"] == "chart-sa"
@@ -159,10 +173,16 @@ def test_operator_as_the_service_account_runs_the_examples(
     assert "forbidden" not in log.lower(), log[-3000:]
 
 
+SUBRESOURCES = {"status", "exec", "token", "log", "finalizers", "eviction"}
+
+
 def can_i(kube: Kube, verb: str, resource: str, namespace: str | None) -> bool:
+    """`resource` is TYPE, TYPE/NAME or TYPE/SUBRESOURCE (status, exec, token, ...)."""
     scope = ["-n", namespace] if namespace else []
+    kind, _, rest = resource.partition("/")
+    target = [kind, f"--subresource={rest}"] if rest in SUBRESOURCES else [resource]
     proc = kube.run(
-        "auth", "can-i", verb, resource, *scope, f"--as=system:serviceaccount:{SYSTEM}:{SA}"
+        "auth", "can-i", verb, *target, *scope, f"--as=system:serviceaccount:{SYSTEM}:{SA}"
     )
     assert proc.stdout.strip() in ("yes", "no"), proc.stdout + proc.stderr
     return proc.stdout.strip() == "yes"
@@ -172,6 +192,7 @@ def can_i(kube: Kube, verb: str, resource: str, namespace: str | None) -> bool:
 MUST = [
     ("watch", "finetunejobs.lmforge.io", "job"),
     ("patch", "finetunejobs.lmforge.io/status", "job"),
+    ("update", "finetunejobs.lmforge.io/finalizers", "job"),
     ("get", "alignmentjobs.lmforge.io", "job"),
     ("create", "jobs.batch", "job"),
     ("delete", "jobs.batch", "job"),
@@ -188,6 +209,9 @@ MUST_NOT = [
     ("list", "secrets", "job"),
     ("get", "secrets", SYSTEM),
     ("create", "pods/exec", "job"),
+    ("get", "pods/log", "job"),
+    ("create", "pods/eviction", "job"),
+    ("update", "finetunejobs.lmforge.io/status", "job"),
     ("create", "pods", "job"),
     ("delete", "pods", "job"),
     ("create", "finetunejobs.lmforge.io", "job"),
