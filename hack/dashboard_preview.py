@@ -91,8 +91,9 @@ def draw(panels: list[PanelData], out: Path) -> None:
         ax.set_title(panel.title, fontsize=9)
         ax.tick_params(labelsize=7)
         if panel.kind == "stat":
+            unit = "" if panel.unit == "none" else panel.unit
             text = "\n".join(
-                f"{name}: {values[-1]:.3g} {panel.unit}".rstrip()
+                f"{name}: {values[-1]:.3g} {unit}".rstrip()
                 for name, _, values in panel.series
                 if values
             )
