@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lmforge.operator.lifecycle import decide, set_condition
+from lmforge.operator.training.lifecycle import decide, set_condition
 
 from tests.unit.test_lifecycle import COMPLETE, FAILED, T1, observed, pod, workload
 

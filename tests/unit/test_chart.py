@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from lmforge.operator.render import TrainingTarget, render_trainer_access
+from lmforge.operator.training.render import TrainingTarget, render_trainer_access
 
 from lmforge.api.kinds import FinetuneJob
 

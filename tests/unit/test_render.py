@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from lmforge.operator.render import (
+from lmforge.operator.training.render import (
     COMPLETION_INDEX,
     Children,
     TrainingTarget,
@@ -26,7 +26,7 @@ from lmforge.operator.render import (
 )
 
 from lmforge.api.base import API_VERSION
-from lmforge.api.kinds import FinetuneJob
+from lmforge.api.kinds import AlignmentJob, FinetuneJob, TrainingJob
 from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, RunConfig
 from lmforge.api.validation import load_file, parse_object
 
@@ -55,10 +55,12 @@ def example_job(name: str, change: Callable[[Obj], None] | None = None) -> Finet
     return job
 
 
-def target_of(job: FinetuneJob, attempt: int = 0, model_uri: str | None = None) -> TrainingTarget:
+def target_of(job: TrainingJob, attempt: int = 0, model_uri: str | None = None) -> TrainingTarget:
     uri = job.spec.model.source if model_uri is None else model_uri
     assert uri is not None
-    return TrainingTarget(job, namespace=NAMESPACE, uid=UID, model_uri=uri, attempt=attempt)
+    return TrainingTarget(
+        job, namespace=NAMESPACE, uid=UID, model_uris={"model": uri}, attempt=attempt
+    )
 
 
 def render_example(
@@ -79,7 +81,12 @@ def the(children: Children, kind: str) -> Obj:
 
 def run_config(children: Children) -> RunConfig:
     """The run config exactly as the trainer reads it from the mounted ConfigMap."""
-    return RunConfig.model_validate(json.loads(the(children, "ConfigMap")["data"]["run.json"]))
+    return RunConfig.model_validate(json.loads(run_config_map(children)["data"]["run.json"]))
+
+
+def run_config_map(children: Children) -> Obj:
+    (found,) = [o for o in children.of_kind("ConfigMap") if "run.json" in o.get("data", {})]
+    return found
 
 
 def pod_spec(children: Children) -> Obj:
@@ -286,7 +293,7 @@ def test_trainer_can_open_every_location_of_its_run_config(example: str) -> None
     container = trainer(children)
     assert mount_at(container, "/etc/lmforge")["readOnly"] is True
     assert volume(children, mount_at(container, "/etc/lmforge")["name"])["configMap"] == {
-        "name": the(children, "ConfigMap")["metadata"]["name"]
+        "name": run_config_map(children)["metadata"]["name"]
     }
     assert container["command"][-2:] == ["--config", "/etc/lmforge/run.json"]
     locations = [config.paths.model, config.paths.output]
@@ -495,16 +502,27 @@ def test_each_attempt_is_a_new_job_reusing_the_other_children(attempt: int) -> N
     ]
 
 
-def test_trainer_account_may_only_patch_pods() -> None:
+def test_trainer_account_may_only_write_its_report() -> None:
     target = target_of(example_job("multinode"))
     account, role, binding = render_trainer_access(target)
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    report = "llama3-70b-full-report"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [report],
+            "verbs": ["get", "patch"],
+        }
+    ]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
     children = render_children(target)
     assert pod_spec(children)["serviceAccountName"] == account["metadata"]["name"]
+    assert env_of(trainer(children))["LMFORGE_REPORT_CONFIGMAP"]["value"] == report
+    (created,) = [o for o in children.of_kind("ConfigMap") if o["metadata"]["name"] == report]
+    assert "data" not in created  # the trainer's keys are never overwritten by the operator
     assert render_service(target) == the(children, "Service")
 
 
@@ -562,3 +580,28 @@ def test_target_attempt_changes_only_the_job() -> None:
     later = replace(target, attempt=2)
     assert the(render_children(later), "Job")["metadata"]["name"] == "mistral-cpt-legal-2"
     assert output_uri(later) == output_uri(target)
+
+
+def test_alignment_job_mounts_and_locates_every_model_reference() -> None:
+    (job,) = load_file(EXAMPLES / "alignmentjob-grpo.yaml")
+    assert isinstance(job, AlignmentJob)
+    reward_uri = "pvc://team-outputs/alignmentjob/qwen-reward-model/final"  # its status.output
+    target = TrainingTarget(
+        job,
+        namespace=NAMESPACE,
+        uid=UID,
+        model_uris={
+            "model": "hf://Qwen/Qwen2.5-1.5B-Instruct",
+            "method.rewards[0].model": reward_uri,
+        },
+    )
+    children = render_children(target)
+    config = run_config(children)
+    assert config.kind == "AlignmentJob"
+    assert config.paths.model == "/mnt/cache/model"
+    assert fetches(children) == {"hf://Qwen/Qwen2.5-1.5B-Instruct": "/mnt/cache/model"}
+    reward_path = config.model_path("method.rewards[0].model")
+    assert reward_path == "/mnt/pvc/team-outputs/alignmentjob/qwen-reward-model/final"
+    # the reward model's claim is mounted read-only where the run config says
+    assert mount_holding(trainer(children), reward_path)["readOnly"] is True
+    assert the(children, "Job")["metadata"]["labels"]["lmforge.io/job-kind"] == "AlignmentJob"

@@ -49,17 +49,19 @@ app.kubernetes.io/component: operator
 
 {{/*
 The operator's rights in the namespaces it watches, enumerated from what it does
-(operator/lmforge/operator/kube.py, reconcile.py, render.py; tests/integration/test_chart.py
-checks them with `kubectl auth can-i`):
-- its kinds: watched by kopf (get/list/watch), finalizer added by kopf's resync timer
-  (patch), status written with a merge patch (status: patch), owner references with
-  blockOwnerDeletion (finalizers: update, for OwnerReferencesPermissionEnforcement);
+(operator/lmforge/operator/kube.py, training/reconcile.py, training/render.py;
+tests/unit/test_chart.py and tests/integration/test_chart.py check them):
+- its kinds: watched by kopf (get/list/watch; fromJob references read), finalizer
+  added by kopf's resync timer (patch), status written with a merge patch (status:
+  patch), owner references with blockOwnerDeletion (finalizers: update, for
+  OwnerReferencesPermissionEnforcement);
 - children: server-side apply (create, patch) of ConfigMaps, PVCs, Services,
   ServiceAccounts, Roles, RoleBindings and batch Jobs; Jobs of older attempts deleted;
-  Jobs and Pods watched and listed;
-- pods get/patch: held only because the trainer's Role grants them (RBAC forbids
-  granting more than one holds); no pods/exec, no Secrets;
+  Jobs, Pods and the trainers' report ConfigMaps watched; report ConfigMaps and
+  input PVCs read (get), which is also what lets it grant a trainer get/patch on its
+  own report ConfigMap (RBAC forbids granting rights one does not hold);
 - Events created on the jobs.
+No Secrets, no pods/exec, no writes to Pods, nothing cluster-scoped.
 */}}
 {{- define "lmforge.rules" -}}
 - apiGroups: [lmforge.io]
@@ -76,9 +78,15 @@ checks them with `kubectl auth can-i`):
   verbs: [list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch]
 - apiGroups: [""]
-  resources: [configmaps, persistentvolumeclaims, services, serviceaccounts]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [services, serviceaccounts]
   verbs: [create, patch]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]

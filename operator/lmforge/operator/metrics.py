@@ -10,14 +10,15 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from lmforge.operator.lifecycle import Failure
+from lmforge.operator.training.lifecycle import Failure
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from lmforge.api.kinds import TRAINING_KINDS
 
 PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
 # Series created at start (value 0) so that rates, alerts and dashboard panels have data
 # before the first reconcile error or restart, as Prometheus's naming guide recommends.
-KNOWN_KINDS = ("FinetuneJob",)
 RESTART_REASONS = tuple(f.value for f in Failure if f.retryable)
 
 
@@ -83,7 +84,7 @@ class OperatorMetrics:
             "1 while this replica holds the leader-election Lease and acts",
             registry=r,
         )
-        for kind in KNOWN_KINDS:
+        for kind in TRAINING_KINDS:
             self.reconciles.labels(kind)
             self.reconcile_errors.labels(kind)
             self.gpu_hours.labels(kind)
@@ -112,7 +113,7 @@ class OperatorMetrics:
 
     def _refresh(self) -> None:
         counts = Tally((k, p) for (k, _, _), p in self._phases.items())
-        kinds = {k for k, _ in counts} | set(KNOWN_KINDS)
+        kinds = {k for k, _ in counts} | set(TRAINING_KINDS)  # zero series for every kind
         for kind in kinds:
             for phase in PHASES:
                 self.jobs.labels(kind, phase).set(counts.get((kind, phase), 0))
