@@ -26,12 +26,21 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts/lmforge"
 RELEASE, SYSTEM = "lmf", "lmforge-system"
 SA = "lmf-lmforge-operator"
-EXAMPLES = {
-    "finetunejob-lora.yaml": "llama3-alpaca-lora",
-    "finetunejob-multinode.yaml": "llama3-70b-full",
-    "finetunejob-qlora.yaml": "qwen2-qlora",
-    "finetunejob-queued.yaml": "mistral-cpt-legal",
-}
+# Every example that runs on the cluster (the DPO and GRPO chains build on the others).
+EXAMPLES = [
+    "finetunejob-lora.yaml",
+    "finetunejob-multinode.yaml",
+    "finetunejob-qlora.yaml",
+    "finetunejob-queued.yaml",
+    "alignmentjob-dpo.yaml",
+    "alignmentjob-reward-model.yaml",
+    "alignmentjob-grpo.yaml",
+]
+
+
+def kind_and_name(example: str) -> tuple[str, str]:
+    obj = yaml.safe_load((ROOT / "examples" / example).read_text())
+    return obj["kind"].lower(), obj["metadata"]["name"]
 
 
 class Helm:
@@ -136,7 +145,7 @@ def test_operator_as_the_service_account_runs_the_examples(
                 "apply", "-n", namespace, "-f", str(ROOT / "examples" / example), check=True
             )
         # Admission, as Kueue does it, once the operator reports the job Queued.
-        queued = EXAMPLES["finetunejob-queued.yaml"]
+        _, queued = kind_and_name("finetunejob-queued.yaml")
         wait_for(
             lambda: (
                 (c := condition(status_of(installed, namespace, queued), "Reconciling"))
@@ -153,17 +162,18 @@ def test_operator_as_the_service_account_runs_the_examples(
             return status_of(installed, namespace, queued).get("phase") != "Pending"
 
         wait_for(admit, "the queued job admitted", timeout=60, interval=1)
-        for name in EXAMPLES.values():
+        for example in EXAMPLES:
+            kind, name = kind_and_name(example)
             proc = installed.run(
                 "wait",
                 "-n",
                 namespace,
                 "--for=condition=Succeeded",
-                f"finetunejob/{name}",
+                f"{kind}/{name}",
                 "--timeout=180s",
                 timeout=200,
             )
-            assert proc.returncode == 0, (name, status_of(installed, namespace, name))
+            assert proc.returncode == 0, (name, status_of(installed, namespace, name, kind))
         assert "lmforge_operator_leader 1.0" in operator.metrics()
         lease = installed.get("lease", "lmforge-operator", "-n", SYSTEM)
         assert lease["spec"]["holderIdentity"] == "chart-sa"
@@ -198,6 +208,9 @@ MUST = [
     ("delete", "jobs.batch", "job"),
     ("list", "pods", "job"),
     ("patch", "configmaps", "job"),
+    ("get", "configmaps", "job"),
+    ("watch", "configmaps", "job"),
+    ("get", "persistentvolumeclaims", "job"),
     ("create", "persistentvolumeclaims", "job"),
     ("create", "rolebindings.rbac.authorization.k8s.io", "job"),
     ("create", "events", "job"),
@@ -216,7 +229,9 @@ MUST_NOT = [
     ("delete", "pods", "job"),
     ("create", "finetunejobs.lmforge.io", "job"),
     ("delete", "finetunejobs.lmforge.io", "job"),
-    ("get", "configmaps", "job"),
+    ("patch", "pods", "job"),
+    ("update", "pods", "job"),
+    ("delete", "configmaps", "job"),
     ("delete", "persistentvolumeclaims", "job"),
     ("patch", "deployments.apps", "job"),
     ("update", "leases.coordination.k8s.io/kube-scheduler", SYSTEM),

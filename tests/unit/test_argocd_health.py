@@ -58,6 +58,16 @@ def crashed_pod() -> Obj:
     return pod(0, exit_code=1, message="segfault")
 
 
+def unschedulable_pod() -> Obj:
+    scheduled = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/6 nodes are available: 6 Insufficient nvidia.com/gpu.",
+    }
+    return pod(0, phase="Pending", conditions=[scheduled])
+
+
 def bad_data_pod() -> Obj:
     return pod(0, exit_code=3, message='{"reason": "BadData", "message": "row 7: no text"}')
 
@@ -89,18 +99,28 @@ TRAINING_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("failed", {"workload": workload(FAILED), "pods": [bad_data_pod()]}, "Degraded", "row 7"),
     (
         "waiting-for-model",
-        {"dependency_name": "FinetuneJob base", "dependency": None},
+        {"dependencies": {"FinetuneJob base (spec.model)": None}},
         "Progressing",
         "waiting for FinetuneJob base",
     ),
     (
         "model-job-failed",
-        {
-            "dependency_name": "FinetuneJob base",
-            "dependency": {"status": {"phase": "Failed"}},
-        },
+        {"dependencies": {"FinetuneJob base (spec.model)": {"status": {"phase": "Failed"}}}},
         "Degraded",
         "no model to train",
+    ),
+    # Stuck, with a reason the user can act on: Stalled, so Degraded although not terminal.
+    (
+        "missing-volume",
+        {"missing_volumes": ['PersistentVolumeClaim "data" not found']},
+        "Degraded",
+        'PersistentVolumeClaim "data" not found',
+    ),
+    (
+        "unschedulable",
+        {"workload": workload(parallelism=1), "pods": [unschedulable_pod()]},
+        "Degraded",
+        "Insufficient nvidia.com/gpu",
     ),
 ]
 
