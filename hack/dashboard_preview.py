@@ -57,6 +57,16 @@ def query_range(base: str, query: str, start: float, end: float) -> list[dict[st
     return list(body["data"]["result"])
 
 
+def query_instant(base: str, query: str, at: float) -> list[dict[str, Any]]:
+    """Like query_range, with the one sample in the shape of a range result."""
+    params = urllib.parse.urlencode({"query": query, "time": at})
+    with urllib.request.urlopen(f"{base}/api/v1/query?{params}", timeout=30) as r:
+        body = json.loads(r.read())
+    if body["status"] != "success":
+        raise RuntimeError(f"{query}: {body}")
+    return [{"metric": x["metric"], "values": [x["value"]]} for x in body["data"]["result"]]
+
+
 def evaluate(base: str, start: float, end: float, dashboard: Path = DASHBOARD) -> list[PanelData]:
     """Every panel of the dashboard, queried over [start, end] as Grafana would."""
     panels = []
@@ -64,7 +74,13 @@ def evaluate(base: str, start: float, end: float, dashboard: Path = DASHBOARD) -
         for target in panel.get("targets", []):
             query = as_grafana_would(target["expr"], int(end - start) + 1)
             series = []
-            for result in query_range(base, query, start, end):
+            # An instant target (a stat of the current state) is evaluated at the end only.
+            results = (
+                query_instant(base, query, end)
+                if target.get("instant")
+                else query_range(base, query, start, end)
+            )
+            for result in results:
                 points = [(float(t), float(v)) for t, v in result["values"] if v != "NaN"]
                 series.append(
                     (
