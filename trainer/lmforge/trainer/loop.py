@@ -14,9 +14,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lmforge.trainer import checkpoints
+from lmforge.trainer.console import Console
 from lmforge.trainer.model import Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as TransformersProgressCallback
 
 from lmforge.api.runconfig import RunConfig
 
@@ -56,6 +59,13 @@ class AtomicCheckpoints:
     args: Any
     state: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Our ProgressCallback shows progress (console.py); transformers' printers would repeat
+        # every log step as a dict.
+        for printer in (PrinterCallback, TransformersProgressCallback):
+            self.remove_callback(printer)  # type: ignore[attr-defined]
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         final_dir = Path(self.args.output_dir)
         staging = final_dir / checkpoints.STAGING
@@ -92,8 +102,9 @@ def with_atomic_checkpoints(trainer_class: type[Any]) -> type[Any]:
 class ProgressCallback(TrainerCallback):
     """Feeds the Trainer's logs into the progress channel (rank 0 only)."""
 
-    def __init__(self, reporter: ProgressReporter | None) -> None:
+    def __init__(self, reporter: ProgressReporter | None, console: Console | None = None) -> None:
         self.reporter = reporter
+        self.console = console or Console()
         self.first_step: int | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -105,7 +116,7 @@ class ProgressCallback(TrainerCallback):
         if self.reporter is None or not state.is_world_process_zero:
             return
         logs = logs or {}
-        self.reporter.update(
+        progress = self.reporter.update(
             step=state.global_step,
             total_steps=state.max_steps,
             epoch=state.epoch,
@@ -115,6 +126,10 @@ class ProgressCallback(TrainerCallback):
             tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0) or None,
             steps_this_session=state.global_step - (self.first_step or 0),
         )
+        self.console.show(progress)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.console.end_line()
 
 
 class TimedCheckpointCallback(TrainerCallback):
