@@ -24,12 +24,20 @@ from tests.e2e.conftest import DATA, lmforge
 
 pytestmark = pytest.mark.slow
 
-# A short SFT warm start (the demo's SFT, cut short) ranks ~90 % of held-out pairs right by
-# likelihood but has no preference margin yet; each method then trains briefly from it.
-SFT_STEPS = 200
+# A short SFT warm start (half the demo's steps, full fine-tuning) ranks the held-out pairs right
+# by likelihood but has no preference margin over itself yet; each method then trains briefly.
+SFT_STEPS = 400
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["all-linear"]}
-METHOD_STEPS = 60
-METHOD_LEARNING_RATE = 2e-3  # TRL's defaults (1e-6) teach a tiny model nothing
+# method -> (steps, learning rate); TRL's default learning rates (1e-6) teach a tiny model nothing.
+# Held-out preference accuracy measured with these settings: dpo 95.5 %, ipo 94.5 %, kto 98 %;
+# simpo 100 % and orpo 98.5 % after 200 SFT steps.
+METHODS = {
+    "dpo": (60, 2e-3),
+    "ipo": (60, 2e-3),
+    "kto": (60, 2e-3),
+    "simpo": (30, 1e-3),
+    "orpo": (30, 1e-3),
+}
 
 
 def _job(kind: str, name: str, spec: dict[str, Any]) -> TrainingJob:
@@ -84,8 +92,8 @@ def sft_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out / "final"
 
 
-def _alignment_spec(model: Path, method: str, **changes: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
+def _alignment_spec(model: Path, method: str, steps: int = 60, lr: float = 1e-3) -> dict[str, Any]:
+    return {
         "model": {"source": f"file://{model}"},
         "dataset": {
             "sources": [{"uri": str(DATA / "tiny-preferences-train.jsonl")}],
@@ -94,23 +102,25 @@ def _alignment_spec(model: Path, method: str, **changes: Any) -> dict[str, Any]:
         },
         "method": {"type": method, "peft": {"type": "lora", "lora": LORA}},
         "training": {
-            "maxSteps": METHOD_STEPS,
-            "learningRate": METHOD_LEARNING_RATE,
+            "maxSteps": steps,
+            "learningRate": lr,
             "batchSize": {"perDevice": 16},
             "loggingEverySteps": 20,
         },
         "distributed": {"gpusPerNode": 0},
     }
-    return spec | changes
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo", "kto"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_method_learns_held_out_preferences(method: str, sft_model: Path, tmp_path: Path) -> None:
     out = tmp_path / method
-    metrics = _run_here(_job("AlignmentJob", method, _alignment_spec(sft_model, method)), out)
+    steps, lr = METHODS[method]
+    metrics = _run_here(
+        _job("AlignmentJob", method, _alignment_spec(sft_model, method, steps, lr)), out
+    )
     assert metrics["eval_pairs"] == 200
     assert metrics["preference_accuracy"] >= 0.90, metrics
-    assert metrics["steps"] == METHOD_STEPS
+    assert metrics["steps"] == steps
     written = json.loads((out / "metrics.json").read_text())
     assert written["preference_accuracy"] == pytest.approx(metrics["preference_accuracy"])
     # final/ is an adapter on the SFT model it started from
