@@ -120,6 +120,8 @@ def test_method_learns_held_out_preferences(method: str, sft_model: Path, tmp_pa
     )
     assert metrics["eval_pairs"] == 200
     assert metrics["preference_accuracy"] >= 0.90, metrics
+    # the method's own reward margin grew (simpo/orpo rank by likelihood, already right after SFT)
+    assert metrics["reward_margin"] > metrics["reward_margin_before"], metrics
     assert metrics["steps"] == steps
     written = json.loads((out / "metrics.json").read_text())
     assert written["preference_accuracy"] == pytest.approx(metrics["preference_accuracy"])

@@ -353,15 +353,22 @@ def preference_metrics(
     beta: float | None,
 ) -> dict[str, float | None]:
     """The held-out figures: `preference_accuracy` as the method ranks pairs, its mean reward
-    margin, and the policy's own (length-normalised) likelihood ranking before and after."""
-    if method in ("simpo", "orpo"):
-        margins = pairs.normalised_margins(after)
-    else:  # dpo, ipo, kto: implicit reward over the reference
-        margins = pairs.reference_margins(after, reference)
-    mean_margin = float(margins.mean()) * (beta or 1.0) if margins.numel() else None
+    margin (after and before training), and the policy's own (length-normalised) likelihood
+    ranking before and after."""
+
+    def margins_of(policy: pairs.SequenceLogps) -> Any:
+        if method in ("simpo", "orpo"):
+            return pairs.normalised_margins(policy)
+        return pairs.reference_margins(policy, reference)  # dpo, ipo, kto
+
+    def mean(margins: Any) -> float | None:
+        return float(margins.mean()) * (beta or 1.0) if margins.numel() else None
+
+    margins = margins_of(after)
     return {
         "preference_accuracy": pairs.accuracy(margins),
-        "reward_margin": mean_margin,
+        "reward_margin": mean(margins),
+        "reward_margin_before": mean(margins_of(before)),
         "likelihood_accuracy_before": pairs.accuracy(pairs.normalised_margins(before)),
         "likelihood_accuracy": pairs.accuracy(pairs.normalised_margins(after)),
         "eval_pairs": float(margins.numel()),
