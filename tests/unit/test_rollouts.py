@@ -128,3 +128,25 @@ def test_select_global_keeps_the_best(fraction: float) -> None:
     assert min(rewards[i][j] for i, j in kept) >= max(
         (rewards[i][j] for i in range(2) for j in range(2) if (i, j) not in kept), default=-1
     )
+
+
+def test_raft_and_ppo_refuse_a_generation_backend_they_do_not_have() -> None:
+    import copy
+
+    from lmforge.trainer.model import MethodError
+    from lmforge.trainer.rollouts import rollout_engine
+
+    from lmforge.api.runconfig import resolve_run_config
+    from lmforge.api.validation import parse_object
+    from tests.catalogue import BASE
+
+    raw = copy.deepcopy(BASE["AlignmentJob"])
+    raw["spec"]["method"] = {
+        "type": "raft",
+        "rewards": [{"rule": {"type": "regex", "pattern": "x"}}],
+    }
+    raw["spec"]["dataset"] = {"sources": [{"uri": "data/prompts.jsonl", "format": "prompt"}]}
+    raw["spec"]["generation"] = {"backend": "vllm"}
+    config = resolve_run_config(parse_object(raw), models={"model": "m"}, output="o")  # type: ignore[arg-type]
+    with pytest.raises(MethodError, match=r"generation\.backend vllm"):
+        rollout_engine(config, model=None, tokenizer=None)

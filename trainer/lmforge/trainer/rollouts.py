@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+from lmforge.trainer.model import MethodError
 from lmforge.trainer.policy import load_policy, load_trainable_state, trainable_state
 
 from lmforge.api.kinds import GenerationSpec
@@ -359,6 +360,11 @@ def rollout_engine(
 ) -> LocalRollouts | RayRollouts:
     """Where rollouts are generated: here, or on `generation.workers` Ray actors."""
     assert hasattr(config.spec, "generation")
+    if config.spec.generation.backend != "transformers":
+        raise MethodError(
+            f"generation.backend {config.spec.generation.backend}: {config.spec.objective} "
+            "generates with transformers (set generation.backend: transformers)"
+        )
     workers = config.spec.generation.workers
     if workers <= 1:
         return LocalRollouts(model, tokenizer)
