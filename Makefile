@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CLUSTER_DIR := .lmforge/cluster
 export LMFORGE_CACHE ?= $(HOME)/.cache/lmforge
 
-.PHONY: install tools test test-unit test-cluster demo crds cluster-up cluster-down lint bench images clean
+.PHONY: install tools test test-unit test-cluster demo crds cluster-up cluster-down lint bench bench-gpu images clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ lint: install
 
 bench: install
 	$(PY) -m pytest benchmarks
+
+# Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit); needs CUDA.
+bench-gpu: install
+	$(PY) benchmarks/gpu_strategies.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) .lmforge lmforge-runs
