@@ -452,6 +452,10 @@ def parse_kto(record: dict[str, Any], check: RecordCheck) -> Example | None:
     return Example(messages=tuple(prompt), chosen=tuple(completion), label=label)
 
 
+# Keys a prompt record is made of; any other key is a column (a reference answer, ...).
+PROMPT_RECORD_KEYS = ("prompt", "messages", "system", "tools")
+
+
 def parse_prompt(record: dict[str, Any], check: RecordCheck) -> Example | None:
     """Prompts only (answers are generated): {"prompt": "..."} or {"messages": [...]}."""
     if "prompt" in record:
@@ -464,7 +468,10 @@ def parse_prompt(record: dict[str, Any], check: RecordCheck) -> Example | None:
     if messages is None:
         return None
     messages = _with_system(check, record, messages)
-    return Example(messages=tuple(messages), tools=_tools(check, record.get("tools"), "tools"))
+    columns = {k: v for k, v in record.items() if k not in PROMPT_RECORD_KEYS}
+    return Example(
+        messages=tuple(messages), tools=_tools(check, record.get("tools"), "tools"), columns=columns
+    )
 
 
 PARSERS: dict[str, Callable[[dict[str, Any], RecordCheck], Example | None]] = {
