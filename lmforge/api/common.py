@@ -150,8 +150,7 @@ class DataSource(ApiModel):
         "Relative sampling weight when several sources are mixed.", 1.0, gt=0, le=1000
     )
     split: str = field_(
-        "Split to read from hub datasets (and local .parquet/.csv/.arrow folders read as "
-        "hf://).",
+        "Split to read from hub datasets (and local .parquet/.csv/.arrow folders read as hf://).",
         "train",
         min_length=1,
         max_length=64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -299,7 +300,11 @@ def _read_table(path: Path, name: str, problems: list[DataProblem]) -> Any:
         if path.suffix == ".parquet":
             return datasets.Dataset.from_parquet(str(path))
         if path.suffix == ".csv":
-            return datasets.Dataset.from_csv(str(path))
+            # Every cell is text: "4" stays the answer "4", an empty cell stays "".
+            with path.open(encoding="utf-8", newline="") as lines:
+                header = next(csv.reader(lines), [])
+            text = datasets.Features({column: datasets.Value("string") for column in header})
+            return datasets.Dataset.from_csv(str(path), features=text, keep_default_na=False)
         return datasets.Dataset.from_file(str(path))
     except Exception as err:  # a corrupt or foreign file: the user's to fix
         problems.append(DataProblem(name, "", "", f"cannot be read as {path.suffix[1:]}: {err}"))
