@@ -46,6 +46,7 @@ BATCH = 2000  # records per Arrow record batch and per tokenization batch
 PARALLEL_FROM = 20_000  # examples from which tokenization uses several processes
 EXAMPLE_SCHEMA = pa.schema([("example", pa.string())])
 TOKENS = pa.list_(pa.int32())
+EXAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Example))
 TOKEN_COLUMNS = ("input_ids", "labels", "length", "prompt_tokens", "truncated", "problem")
 
 
@@ -255,7 +256,9 @@ def write_arrow(path: Path, schema: pa.Schema, rows: Iterable[dict[str, Any]]) -
 
 
 def example_to_json(example: Example) -> str:
-    return json.dumps(dataclasses.asdict(example), ensure_ascii=False, separators=(",", ":"))
+    # Field by field: dataclasses.asdict deep-copies and costs more than the JSON itself.
+    fields = {name: getattr(example, name) for name in EXAMPLE_FIELDS}
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
 def example_from_json(text: str) -> Example:

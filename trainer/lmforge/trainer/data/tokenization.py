@@ -395,7 +395,7 @@ def _assistant_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        after = render(messages[: i + 1], False)
+        after = full if i == len(messages) - 1 else render(messages[: i + 1], False)
         before = render(messages[:i], True) if i > 0 else ""
         if i > 0 and after.startswith(before) and full.startswith(after):
             start, end = len(before), len(after)
