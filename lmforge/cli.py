@@ -36,12 +36,12 @@ def check_data(file: Path, obj: object, samples: int) -> bool:
     if not isinstance(obj, FinetuneJob):
         return True
     from lmforge.trainer.data import DataError
-    from lmforge.trainer.data.preflight import preflight
+    from lmforge.trainer.data.preflight import PreflightError, preflight
 
     try:
         config = local_run_config(obj, file, output=Path("."), runs=DEFAULT_RUNS)
         report = preflight(config, samples)
-    except (LocalRunError, DataError) as err:
+    except (LocalRunError, DataError, PreflightError) as err:
         print(f"{file}: {obj.kind}/{obj.name}: error: {err}", file=sys.stderr)
         return False
     print(f"{file}: {obj.kind}/{obj.name}: data as training will see it")

@@ -134,7 +134,8 @@ class DataSource(ApiModel):
 
     uri: str = field_(
         "Data location: hf://org/name, pvc://claim/path, s3://bucket/key, or a local path "
-        "(relative to the YAML file) for `lmforge run`. A directory takes all its .json/.jsonl.",
+        "(relative to the YAML file) for `lmforge run`. Files: .jsonl, .json, .txt, .parquet, "
+        ".csv, .arrow; a directory takes all of those under it.",
         min_length=1,
         max_length=2048,
         pattern=DATA_URI,

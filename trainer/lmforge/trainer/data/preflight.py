@@ -17,12 +17,18 @@ from lmforge.trainer.data.templates import resolve_chat_template
 from lmforge.api.runconfig import RunConfig
 
 
-def preflight(config: RunConfig, samples: int = 3) -> str:
-    """A readable report of the job's data as the trainer would prepare it (raises DataError)."""
-    from lmforge.trainer.model import load_tokenizer
+class PreflightError(Exception):
+    """The pre-flight cannot run (no tokenizer to measure the data with)."""
 
+
+def preflight(config: RunConfig, samples: int = 3) -> str:
+    """A readable report of the job's data as the trainer would prepare it.
+
+    Raises DataError when the data is invalid or leaves nothing to train on, and
+    PreflightError when the model's tokenizer cannot be loaded.
+    """
     spec = config.spec
-    tokenizer = load_tokenizer(config.paths.model, spec.model.trust_remote_code)
+    tokenizer = _tokenizer(config.paths.model, spec.model.trust_remote_code)
     template = resolve_chat_template(spec.model.chat_template, tokenizer)
     with tempfile.TemporaryDirectory(prefix="lmforge-preflight-") as cache:
         data = prepare_data(
@@ -35,6 +41,28 @@ def preflight(config: RunConfig, samples: int = 3) -> str:
             cache_dir=Path(cache),
         )
         return describe(data, tokenizer, spec.dataset.max_seq_length, samples)
+
+
+def _tokenizer(model: str, trust_remote_code: bool) -> Any:
+    """The tokenizer of a local model folder, or of hf://org/name[@revision] where reachable."""
+    from lmforge.trainer.model import load_tokenizer
+
+    name, _, revision = model.removeprefix("hf://").partition("@")
+    try:
+        if model.startswith("hf://"):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(
+                name, revision=revision or None, trust_remote_code=trust_remote_code
+            )
+        if not Path(model).is_dir():
+            raise PreflightError(
+                f"spec.model: no model folder at {model}; the pre-flight needs the model's "
+                "tokenizer (build or download the model first, or point model.source at it)"
+            )
+        return load_tokenizer(model, trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise PreflightError(f"spec.model: cannot load the tokenizer of {model}: {err}") from err
 
 
 def describe(data: PreparedData, tokenizer: Any, max_seq_length: int, samples: int) -> str:
