@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from lmforge.api.common import ModelSource
-from lmforge.api.kinds import FinetuneJob, KubernetesObject
+from lmforge.api.kinds import KubernetesObject, TrainingJob
+from lmforge.api.references import model_references
 from lmforge.api.runconfig import RunConfig, resolve_run_config
 from lmforge.api.validation import load_file
 
@@ -60,7 +61,7 @@ def resolve_local_model(source: ModelSource, base: Path, runs: Path, field: str)
 
 
 def local_run_config(
-    job: FinetuneJob,
+    job: TrainingJob,
     yaml_path: Path,
     output: Path | None,
     runs: Path,
@@ -69,9 +70,13 @@ def local_run_config(
     """The run config `lmforge run` hands to the trainer."""
     base = yaml_path.resolve().parent
     out = (output or job_output_dir(job.kind, job.name, runs)).resolve()
+    models = {
+        ref.field: resolve_local_model(ref.source, base, runs, f"spec.{ref.field}")
+        for ref in model_references(job.spec)
+    }
     return resolve_run_config(
         job,
-        model=resolve_local_model(job.spec.model, base, runs, "spec.model"),
+        models=models,
         output=str(out),
         data=str(base),
         resolve_data_uri=lambda uri: resolve_local_uri(uri, base, "spec.dataset.sources[].uri"),
@@ -87,8 +92,11 @@ def run_job(
     metrics_port: int | None = None,
 ) -> Path:
     """Run one job to completion here; returns its output folder."""
-    if not isinstance(obj, FinetuneJob):
-        raise LocalRunError(f"{obj.kind} {obj.name}: only FinetuneJob runs locally in this version")
+    if not isinstance(obj, TrainingJob):
+        raise LocalRunError(
+            f"{obj.kind} {obj.name}: `lmforge run` runs FinetuneJobs and AlignmentJobs; "
+            "serve an InferenceService with `lmforge serve`"
+        )
     config = local_run_config(obj, yaml_path, output, runs, metrics_port)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     config_path = config.output_dir / "run.json"

@@ -258,7 +258,38 @@ CASES: list[Case] = [
         "grpo-no-reward",
         A,
         {"spec.method": {"type": "grpo"}, "spec.dataset.sources.0.format": "prompt"},
-        "spec.method.rewardModel",
+        "spec.method.rewards",
+    ),
+    Case(
+        "grpo-group-of-one",
+        A,
+        {
+            "spec.method": {"type": "grpo", "rewards": [{"rule": {"type": "length-penalty"}}]},
+            "spec.dataset.sources.0.format": "prompt",
+            "spec.generation": {"samplesPerPrompt": 1},
+        },
+        "spec.generation.samplesPerPrompt",
+    ),
+    Case(
+        "reward-two-kinds",
+        A,
+        {
+            "spec.method": {
+                "type": "grpo",
+                "rewards": [{"rule": {"type": "length-penalty"}, "function": {"function": "m:f"}}],
+            },
+            "spec.dataset.sources.0.format": "prompt",
+        },
+        "spec.method.rewards[0].model",
+    ),
+    Case(
+        "regex-rule-without-pattern",
+        A,
+        {
+            "spec.method": {"type": "grpo", "rewards": [{"rule": {"type": "regex"}}]},
+            "spec.dataset.sources.0.format": "prompt",
+        },
+        "spec.method.rewards[0].rule.pattern",
     ),
     Case("dpo-alpaca", A, {"spec.dataset.sources.0.format": "alpaca"}, "spec.dataset.sources"),
     Case("kto-preference", A, {"spec.method.type": "kto"}, "spec.dataset.sources"),

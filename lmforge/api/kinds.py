@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lmforge.api.base import API_VERSION, ApiModel, Rule, field_, object_field
 from lmforge.api.common import (
+    DATA_URI,
     DNS_LABEL,
     CheckpointSpec,
     ConditionList,
@@ -95,6 +96,11 @@ class TrainingJobSpec(ApiModel):
     output: OutputSpec = object_field(OutputSpec, "Where results are written.")
     image: str | None = field_("Trainer image override.", None, max_length=1024)
 
+    @property
+    def tuning(self) -> TuningMethod:
+        """Which parameters are trained (FinetuneJob.method, AlignmentJob.method.peft)."""
+        raise NotImplementedError
+
 
 class Progress(ApiModel):
     """Training progress, reported by the trainer and copied into status."""
@@ -127,8 +133,9 @@ class OutputStatus(ApiModel):
     """The job's final artifact."""
 
     uri: str = field_("Location of the final model or adapter, e.g. pvc://claim/path/final.")
-    kind: Literal["adapter", "merged", "full"] = field_(
-        "adapter (PEFT directory), merged (adapter merged into base weights) or full."
+    kind: Literal["adapter", "merged", "full", "reward-model"] = field_(
+        "adapter (PEFT directory), merged (adapter merged into base weights), full, or "
+        "reward-model (a sequence-classification model later jobs load directly)."
     )
     merged_uri: str | None = field_("Merged model, when mergeOnExport is set.", None)
 
@@ -209,6 +216,14 @@ NAME_FITS_POD_HOSTNAMES = Rule(
 )
 
 
+class TrainingJob(KubernetesObject):
+    """A FinetuneJob or an AlignmentJob: one training path in the operator and the trainer."""
+
+    kind: Literal["FinetuneJob", "AlignmentJob"] = field_("FinetuneJob or AlignmentJob.")
+    spec: TrainingJobSpec = field_("Desired training run.")
+    status: TrainingJobStatus | None = field_("Observed state, written by the operator.", None)
+
+
 # ---------------------------------------------------------------- FinetuneJob
 
 
@@ -246,8 +261,12 @@ class FinetuneJobSpec(TrainingJobSpec):
     )
     method: TuningMethod = object_field(TuningMethod, "Which parameters are trained.")
 
+    @property
+    def tuning(self) -> TuningMethod:
+        return self.method
 
-class FinetuneJob(KubernetesObject):
+
+class FinetuneJob(TrainingJob):
     """Fine-tune an open LLM: continued pretraining or SFT, full or PEFT."""
 
     kind_name = "FinetuneJob"
@@ -266,18 +285,149 @@ class FinetuneJob(KubernetesObject):
 # ---------------------------------------------------------------- AlignmentJob
 
 AlignmentMethodType = Literal[
-    "reward-model", "dpo", "ipo", "orpo", "simpo", "kto", "raft", "ppo", "grpo"
+    "reward-model", "dpo", "ipo", "orpo", "simpo", "kto", "raft", "ppo", "grpo", "rloo"
 ]
 PREFERENCE_METHODS = ("reward-model", "dpo", "ipo", "orpo", "simpo")
-ONLINE_METHODS = ("raft", "ppo", "grpo")
+ONLINE_METHODS = ("raft", "ppo", "grpo", "rloo")
+# beta when the spec leaves it open: SimPO's reward scale wants ~2, the KL-style methods ~0.1.
+DEFAULT_BETA = {
+    "reward-model": 0.0,
+    "dpo": 0.1,
+    "ipo": 0.1,
+    "orpo": 0.1,
+    "simpo": 2.0,
+    "kto": 0.1,
+    "raft": 0.0,
+    "ppo": 0.05,
+    "grpo": 0.04,
+    "rloo": 0.05,
+}
+
+
+class SimpoSpec(ApiModel):
+    """SimPO's target reward margin."""
+
+    gamma: float = field_("Target reward margin (SimPO's gamma, in units of beta).", 0.5, ge=0)
+
+
+class KtoSpec(ApiModel):
+    """KTO's weights of desirable and undesirable examples."""
+
+    desirable_weight: float = field_("Loss weight of desirable (label true) examples.", 1.0, gt=0)
+    undesirable_weight: float = field_(
+        "Loss weight of undesirable (label false) examples.", 1.0, gt=0
+    )
 
 
 class RaftSpec(ApiModel):
-    """RAFT: reward-ranked fine-tuning on the best of sampled responses."""
+    """RAFT (LMFlow): sample, rank by reward, fine-tune on the best, repeat."""
 
-    iterations: int = field_("Generate-rank-finetune rounds.", 3, ge=1, le=1000)
-    samples_per_prompt: int = field_("Responses sampled per prompt.", 4, ge=1, le=256)
-    top_fraction: float = field_("Fraction of responses kept for fine-tuning.", 0.25, gt=0, le=1)
+    iterations: int = field_("Sample-rank-finetune rounds.", 3, ge=1, le=1000)
+    top_fraction: float = field_(
+        "Fraction of responses kept for fine-tuning (global selection).", 0.25, gt=0, le=1
+    )
+    selection: Literal["local", "global"] = field_(
+        "local keeps the best response of each prompt; global keeps the top fraction of the "
+        "whole batch.",
+        "local",
+    )
+    prompts_per_iteration: int | None = field_(
+        "Prompts sampled per round (default: all).", None, ge=1
+    )
+
+
+class PpoSpec(ApiModel):
+    """PPO's optimisation of each rollout batch."""
+
+    epochs: int = field_("Optimisation passes over each rollout batch.", 2, ge=1, le=64)
+    clip_range: float = field_("Clipping of the policy ratio (epsilon).", 0.2, gt=0, le=1)
+    value_clip_range: float = field_("Clipping of the value update.", 0.2, gt=0)
+    gamma: float = field_("Discount factor.", 1.0, ge=0, le=1)
+    lam: float = field_("GAE lambda.", 0.95, ge=0, le=1)
+    value_loss_coef: float = field_("Weight of the value loss.", 0.1, ge=0)
+
+
+class RewardRule(ApiModel):
+    """A verifiable reward computed from the response (and a dataset column)."""
+
+    rules = (
+        Rule(
+            cel="self.type == 'regex' ? has(self.pattern) : true",
+            message="a regex rule needs pattern",
+            field="pattern",
+            check=lambda r: r.type != "regex" or r.pattern is not None,
+        ),
+        Rule(
+            cel="self.type in ['exact-match', 'contains'] ? has(self.column) : true",
+            message="exact-match and contains rules need column (the reference answer)",
+            field="column",
+            check=lambda r: r.type not in ("exact-match", "contains") or r.column is not None,
+        ),
+    )
+
+    type: Literal["exact-match", "contains", "regex", "length-penalty"] = field_(
+        "exact-match (response equals the column), contains (response contains it), regex "
+        "(response matches pattern; 1 or 0), length-penalty (minus tokens beyond targetLength "
+        "over targetLength)."
+    )
+    column: str | None = field_(
+        "Dataset column with the reference answer (exact-match, contains).", None, max_length=128
+    )
+    pattern: str | None = field_("Regular expression (regex).", None, max_length=1024)
+    target_length: int = field_("Tokens without penalty (length-penalty).", 128, ge=1)
+
+
+class RewardFunction(ApiModel):
+    """A user's Python reward function, imported only inside the trainer pod."""
+
+    function: str = field_(
+        "module:function; called with prompts, completions and the dataset columns as keyword "
+        "lists, returning one float per completion.",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        max_length=256,
+    )
+    config_map: str | None = field_(
+        "ConfigMap whose keys are the module's files (mounted and put on sys.path).",
+        None,
+        max_length=253,
+    )
+    path: str | None = field_(
+        "Directory with the module: pvc://claim/path, or a local path for `lmforge run`.",
+        None,
+        pattern=DATA_URI,
+        max_length=2048,
+    )
+
+
+def _one_reward_kind(r: Any) -> bool:
+    return sum(x is not None for x in (r.model, r.rule, r.function)) == 1
+
+
+class RewardSource(ApiModel):
+    """One weighted component of the reward: a reward model, a rule or a function."""
+
+    rules = (
+        Rule(
+            cel="(has(self.model) ? 1 : 0) + (has(self.rule) ? 1 : 0) + "
+            "(has(self.function) ? 1 : 0) == 1",
+            message="set exactly one of model, rule and function",
+            field="model",
+            check=_one_reward_kind,
+        ),
+    )
+
+    name: str | None = field_(
+        "Name the component is logged and reported under (default: its kind and index).",
+        None,
+        max_length=63,
+        pattern=DNS_LABEL,
+    )
+    weight: float = field_("Weight of this component in the summed reward.", 1.0)
+    model: ModelSource | None = field_(
+        "Reward model (a reward-model job's output: fromJob, or a URI).", None
+    )
+    rule: RewardRule | None = field_("Verifiable rule.", None)
+    function: RewardFunction | None = field_("User-supplied Python function.", None)
 
 
 class AlignmentMethod(ApiModel):
@@ -285,10 +435,10 @@ class AlignmentMethod(ApiModel):
 
     rules = (
         Rule(
-            cel=f"self.type in {list(ONLINE_METHODS)} ? has(self.rewardModel) : true",
-            message="raft, ppo and grpo need rewardModel",
-            field="rewardModel",
-            check=lambda m: m.type not in ONLINE_METHODS or m.reward_model is not None,
+            cel=f"self.type in {list(ONLINE_METHODS)} ? size(self.rewards) > 0 : true",
+            message="raft, ppo, grpo and rloo need at least one entry in rewards",
+            field="rewards",
+            check=lambda m: m.type not in ONLINE_METHODS or len(m.rewards) > 0,
         ),
         Rule(
             cel="!(self.peft.type in ['prefix-tuning', 'prompt-tuning', 'lisa'])",
@@ -300,33 +450,32 @@ class AlignmentMethod(ApiModel):
 
     type: AlignmentMethodType = field_(
         "reward-model (train a scalar reward head), dpo, ipo, orpo, simpo, kto (offline "
-        "preference), raft, ppo, grpo (online, with generation)."
+        "preference), raft, ppo, grpo, rloo (online, with generation)."
     )
-    beta: float = field_(
-        "Strength of the KL/preference regularisation (DPO family, KTO, PPO, GRPO).",
-        0.1,
-        gt=0,
+    beta: float | None = field_(
+        "Strength of the KL/preference regularisation. Default per method: 0.1 (dpo, ipo, orpo, "
+        "kto), 2.0 (simpo), 0.04 (grpo), 0.05 (ppo, rloo).",
+        None,
+        ge=0,
         le=100,
     )
-    simpo_gamma: float = field_("SimPO target reward margin.", 0.5, ge=0, le=100)
-    kto_desirable_weight: float = field_("KTO weight of desirable examples.", 1.0, gt=0)
-    kto_undesirable_weight: float = field_("KTO weight of undesirable examples.", 1.0, gt=0)
     reference_model: ModelSource | None = field_(
         "Frozen reference policy (default: the base model; not used by orpo and simpo).", None
     )
-    reward_model: ModelSource | None = field_(
-        "Reward model scoring generations (raft, ppo, grpo), usually fromJob a reward-model job.",
-        None,
+    rewards: list[RewardSource] = field_(
+        "Reward components of the online methods, summed by weight.",
+        default_factory=list,
+        max_length=16,
     )
+    simpo: SimpoSpec = object_field(SimpoSpec, "SimPO parameters.")
+    kto: KtoSpec = object_field(KtoSpec, "KTO parameters.")
     raft: RaftSpec = object_field(RaftSpec, "RAFT rounds.")
-    num_generations: int = field_(
-        "GRPO group size: completions sampled per prompt.", 8, ge=2, le=256
-    )
+    ppo: PpoSpec = object_field(PpoSpec, "PPO optimisation.")
     peft: TuningMethod = object_field(TuningMethod, "Which parameters are trained (default lora).")
 
 
 class GenerationSpec(ApiModel):
-    """Rollout generation for online methods (raft, ppo, grpo)."""
+    """Rollout generation for online methods (raft, ppo, grpo, rloo)."""
 
     backend: Literal["transformers", "vllm"] = field_(
         "Generation engine of the rollout workers.", "transformers"
@@ -334,6 +483,9 @@ class GenerationSpec(ApiModel):
     max_new_tokens: int = field_("Tokens generated per response.", 256, ge=1, le=32768)
     temperature: float = field_("Sampling temperature.", 1.0, ge=0, le=2)
     top_p: float = field_("Nucleus sampling mass.", 1.0, gt=0, le=1)
+    samples_per_prompt: int = field_(
+        "Responses sampled per prompt (the GRPO/RLOO group size, RAFT's K).", 4, ge=1, le=256
+    )
     workers: int = field_("Rollout workers (Ray actors).", 1, ge=1, le=64)
 
 
@@ -373,7 +525,7 @@ class AlignmentJobSpec(TrainingJobSpec):
             cel=f"self.method.type in {list(ONLINE_METHODS)} ? self.dataset.sources.all(s, "
             "s.format in ['auto', 'prompt', 'openai', 'conversation', 'alpaca', 'sharegpt']) "
             ": true",
-            message="raft, ppo and grpo sample from prompts: formats auto, prompt, openai, "
+            message="raft, ppo, grpo and rloo sample from prompts: formats auto, prompt, openai, "
             "conversation, alpaca or sharegpt",
             field="dataset.sources",
             check=lambda s: (
@@ -382,6 +534,16 @@ class AlignmentJobSpec(TrainingJobSpec):
                     x.format in ("auto", "prompt", "openai", "conversation", "alpaca", "sharegpt")
                     for x in s.dataset.sources
                 )
+            ),
+        ),
+        Rule(
+            cel="self.method.type in ['grpo', 'rloo'] ? self.generation.samplesPerPrompt >= 2 "
+            ": true",
+            message="grpo and rloo compare responses within a group: generation.samplesPerPrompt "
+            "must be at least 2",
+            field="generation.samplesPerPrompt",
+            check=lambda s: (
+                s.method.type not in ("grpo", "rloo") or s.generation.samples_per_prompt >= 2
             ),
         ),
         *immutable(
@@ -399,8 +561,12 @@ class AlignmentJobSpec(TrainingJobSpec):
     method: AlignmentMethod = field_("Alignment objective.")
     generation: GenerationSpec = object_field(GenerationSpec, "Rollouts for online methods.")
 
+    @property
+    def tuning(self) -> TuningMethod:
+        return self.method.peft
 
-class AlignmentJob(KubernetesObject):
+
+class AlignmentJob(TrainingJob):
     """Align an LLM: reward models, the DPO family, KTO, RAFT, PPO and GRPO."""
 
     kind_name = "AlignmentJob"
@@ -565,14 +731,20 @@ class InferenceService(KubernetesObject):
     status: InferenceServiceStatus | None = field_("Observed state, written by the operator.", None)
 
 
+# The table of kinds: everything that differs per kind hangs off these classes.
 KINDS: dict[str, type[KubernetesObject]] = {
     cls.kind_name: cls for cls in (FinetuneJob, AlignmentJob, InferenceService)
 }
+TRAINING_KINDS: tuple[str, ...] = tuple(
+    name for name, cls in KINDS.items() if issubclass(cls, TrainingJob)
+)
 
 __all__ = [
     "KINDS",
+    "TRAINING_KINDS",
     "AlignmentJob",
     "FinetuneJob",
     "InferenceService",
     "KubernetesObject",
+    "TrainingJob",
 ]

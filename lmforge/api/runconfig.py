@@ -8,6 +8,8 @@ the trainer can open (or an hf:// id), and nothing is left to guess.
 
 Version history:
 - lmforge.io/run-config/v1: FinetuneJob.
+- lmforge.io/run-config/v2: FinetuneJob and AlignmentJob; `paths.models` locates every model
+  reference of the spec (reference and reward models), not only the base model.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from lmforge.api.base import ApiModel, field_
 from lmforge.api.common import ADAPTER_TYPES, DistributedSpec, TuningMethod
-from lmforge.api.kinds import FinetuneJob, FinetuneJobSpec
+from lmforge.api.kinds import (
+    DEFAULT_BETA,
+    KINDS,
+    TRAINING_KINDS,
+    AlignmentJobSpec,
+    FinetuneJobSpec,
+    TrainingJob,
+)
 
-RUN_CONFIG_VERSION = "lmforge.io/run-config/v1"
+RUN_CONFIG_VERSION = "lmforge.io/run-config/v2"
 
 # Learning rates used when the spec leaves them open: adapters tolerate (and need) larger ones.
 DEFAULT_LEARNING_RATE = {"full": 2e-5, "lisa": 5e-5, "adapter": 2e-4, "virtual-tokens": 3e-2}
@@ -33,6 +42,11 @@ class RunPaths(ApiModel):
     """Where the trainer reads and writes."""
 
     model: str = field_("Local directory of the base model, or an hf:// id to download.")
+    models: dict[str, str] = field_(
+        "Location of every model reference of the spec by field (model, "
+        "method.referenceModel, method.rewards[0].model, ...).",
+        default_factory=dict,
+    )
     output: str = field_("Folder for checkpoints/, final/, metrics.json, logs.")
     data: str = field_("Folder relative data paths are resolved against.", "")
 
@@ -40,17 +54,35 @@ class RunPaths(ApiModel):
 class RunConfig(ApiModel):
     """A fully resolved training run."""
 
-    version: Literal["lmforge.io/run-config/v1"] = field_(
+    version: Literal["lmforge.io/run-config/v2"] = field_(
         "Schema version of this file.", RUN_CONFIG_VERSION
     )
-    kind: Literal["FinetuneJob"] = field_("Kind of the job this run belongs to.")
+    kind: Literal["FinetuneJob", "AlignmentJob"] = field_("Kind of the job this run belongs to.")
     name: str = field_("Job name.")
     namespace: str = field_("Job namespace ('' for local runs).", "")
-    spec: FinetuneJobSpec = field_("The job spec with every default filled in.")
+    spec: FinetuneJobSpec | AlignmentJobSpec = field_("The job spec with every default filled in.")
     paths: RunPaths = field_("Resolved locations.")
     metrics_port: int | None = field_(
         "Port of the Prometheus endpoint served by rank 0 (none: no endpoint).", None
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_of_kind(cls, data: Any) -> Any:
+        """Validate `spec` as the spec of `kind` (one clear error, not one per union branch)."""
+        if isinstance(data, dict) and data.get("kind") in TRAINING_KINDS:
+            spec_type = KINDS[data["kind"]].model_fields["spec"].annotation
+            assert spec_type is not None
+            if isinstance(data.get("spec"), dict):
+                data = dict(data) | {"spec": spec_type.model_validate(data["spec"])}
+        return data
+
+    def model_path(self, field: str) -> str:
+        """Where the trainer finds the model the spec references at `field`."""
+        try:
+            return self.paths.models[field]
+        except KeyError:
+            raise ValueError(f"run config has no location for spec.{field}") from None
 
     @property
     def processes(self) -> int:
@@ -110,9 +142,9 @@ def resolve_strategy(distributed: DistributedSpec, method: TuningMethod) -> str:
 
 
 def resolve_run_config(
-    job: FinetuneJob,
+    job: TrainingJob,
     *,
-    model: str,
+    models: dict[str, str],
     output: str,
     data: str = "",
     resolve_data_uri: Callable[[str], str] = lambda uri: uri,
@@ -120,28 +152,31 @@ def resolve_run_config(
 ) -> RunConfig:
     """Fill every default of `job` and resolve its locations into a RunConfig.
 
-    `model` is the resolved base model location; `resolve_data_uri` maps each
-    dataset URI to what the trainer opens (a mounted path, or unchanged).
+    `models` maps every model reference of the spec (`references.model_references`:
+    "model", "method.referenceModel", ...) to its resolved location; `resolve_data_uri`
+    maps each dataset URI to what the trainer opens (a mounted path, or unchanged).
     """
     spec = job.spec.model_copy(deep=True)
     training, distributed = spec.training, spec.distributed
     if training.epochs is None and training.max_steps is None:
         training.epochs = 1.0
     if training.learning_rate is None:
-        training.learning_rate = default_learning_rate(spec.method)
+        training.learning_rate = default_learning_rate(spec.tuning)
+    if isinstance(spec, AlignmentJobSpec) and spec.method.beta is None:
+        spec.method.beta = DEFAULT_BETA[spec.method.type]
     if distributed.processes_per_node is None:
         distributed.processes_per_node = max(distributed.gpus_per_node, 1)
-    distributed.strategy = resolve_strategy(distributed, spec.method)  # type: ignore[assignment]
+    distributed.strategy = resolve_strategy(distributed, spec.tuning)  # type: ignore[assignment]
     if training.batch_size.global_ is None:
         training.batch_size.global_ = training.batch_size.per_device * distributed.processes
     for source in (*spec.dataset.sources, *spec.dataset.eval_split.sources):
         source.uri = resolve_data_uri(source.uri)
     return RunConfig(
-        kind="FinetuneJob",
+        kind=job.kind,
         name=job.name,
         namespace=str(job.metadata.get("namespace", "")),
         spec=spec,
-        paths=RunPaths(model=model, output=output, data=data),
+        paths=RunPaths(model=models["model"], models=models, output=output, data=data),
         metrics_port=metrics_port,
     )
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from lmforge.operator.lifecycle import (
+from lmforge.operator.training.lifecycle import (
     PROGRESS_ANNOTATION,
     Action,
     Decision,
@@ -551,8 +551,8 @@ WHATEVER_IS_OBSERVED: list[Obj] = [
     {"workload": workload(FAILED), "pods": [OOM_BY_KERNEL]},
     {"workload": workload(COMPLETE)},
     {"workload": workload(), "pods": [pod(0, phase="Running"), pod(1, phase="Running")]},
-    {"dependency_name": "FinetuneJob sft", "dependency": None},
-    {"dependency_name": "FinetuneJob sft", "dependency": {"status": {"phase": "Failed"}}},
+    {"dependencies": {"FinetuneJob sft (spec.model)": None}},
+    {"dependencies": {"FinetuneJob sft (spec.model)": {"status": {"phase": "Failed"}}}},
     {"generation": 2},
 ]
 
@@ -582,7 +582,7 @@ def test_terminal_phases_never_change(phase: str, seen: Obj) -> None:
     ids=["missing", "new", "running", "pending"],
 )
 def test_waits_for_the_model_job(dependency: Obj | None) -> None:
-    decision = decide(observed(dependency_name="FinetuneJob sft", dependency=dependency))
+    decision = decide(observed(dependencies={"FinetuneJob sft (spec.model)": dependency}))
     assert decision.status["phase"] == "Pending"
     reconciling = condition(decision.status, "Reconciling")
     assert reconciling["reason"] == "WaitingForModel"
@@ -592,7 +592,7 @@ def test_waits_for_the_model_job(dependency: Obj | None) -> None:
 
 def test_failed_model_job_fails_the_job() -> None:
     decision = decide(
-        observed(dependency_name="FinetuneJob sft", dependency={"status": {"phase": "Failed"}})
+        observed(dependencies={"FinetuneJob sft (spec.model)": {"status": {"phase": "Failed"}}})
     )
     assert decision.status["phase"] == "Failed"
     assert is_true(decision.status, "Failed") and is_true(decision.status, "Stalled")
@@ -604,12 +604,31 @@ def test_failed_model_job_fails_the_job() -> None:
 def test_succeeded_model_job_lets_training_start() -> None:
     decision = decide(
         observed(
-            dependency_name="FinetuneJob sft",
-            dependency={"status": {"phase": "Succeeded", "output": {"uri": "pvc://a/b/final"}}},
+            dependencies={
+                "FinetuneJob sft (spec.model)": {
+                    "status": {"phase": "Succeeded", "output": {"uri": "pvc://a/b/final"}}
+                }
+            },
         )
     )
     assert decision.action is Action.APPLY
     assert decision.status["phase"] == "Pending"
+
+
+def test_waits_for_every_referenced_job_and_names_each() -> None:
+    # An AlignmentJob: the SFT model is done, the reward model's job still runs.
+    decision = decide(
+        observed(
+            dependencies={
+                "FinetuneJob sft (spec.model)": {"status": {"phase": "Succeeded"}},
+                "AlignmentJob rm (spec.method.rewards[0].model)": {"status": {"phase": "Running"}},
+            }
+        )
+    )
+    assert decision.action is Action.NONE
+    message = condition(decision.status, "Reconciling")["message"]
+    assert "AlignmentJob rm (spec.method.rewards[0].model) to succeed (now Running)" in message
+    assert "sft" not in message
 
 
 # ---------------------------------------------------------------- kstatus

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from lmforge.operator.render import (
+from lmforge.operator.training.render import (
     COMPLETION_INDEX,
     Children,
     TrainingTarget,
@@ -26,7 +26,7 @@ from lmforge.operator.render import (
 )
 
 from lmforge.api.base import API_VERSION
-from lmforge.api.kinds import FinetuneJob
+from lmforge.api.kinds import AlignmentJob, FinetuneJob, TrainingJob
 from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, RunConfig
 from lmforge.api.validation import load_file, parse_object
 
@@ -55,10 +55,12 @@ def example_job(name: str, change: Callable[[Obj], None] | None = None) -> Finet
     return job
 
 
-def target_of(job: FinetuneJob, attempt: int = 0, model_uri: str | None = None) -> TrainingTarget:
+def target_of(job: TrainingJob, attempt: int = 0, model_uri: str | None = None) -> TrainingTarget:
     uri = job.spec.model.source if model_uri is None else model_uri
     assert uri is not None
-    return TrainingTarget(job, namespace=NAMESPACE, uid=UID, model_uri=uri, attempt=attempt)
+    return TrainingTarget(
+        job, namespace=NAMESPACE, uid=UID, model_uris={"model": uri}, attempt=attempt
+    )
 
 
 def render_example(
@@ -562,3 +564,28 @@ def test_target_attempt_changes_only_the_job() -> None:
     later = replace(target, attempt=2)
     assert the(render_children(later), "Job")["metadata"]["name"] == "mistral-cpt-legal-2"
     assert output_uri(later) == output_uri(target)
+
+
+def test_alignment_job_mounts_and_locates_every_model_reference() -> None:
+    (job,) = load_file(EXAMPLES / "alignmentjob-grpo.yaml")
+    assert isinstance(job, AlignmentJob)
+    reward_uri = "pvc://team-outputs/alignmentjob/qwen-reward-model/final"  # its status.output
+    target = TrainingTarget(
+        job,
+        namespace=NAMESPACE,
+        uid=UID,
+        model_uris={
+            "model": "hf://Qwen/Qwen2.5-1.5B-Instruct",
+            "method.rewards[0].model": reward_uri,
+        },
+    )
+    children = render_children(target)
+    config = run_config(children)
+    assert config.kind == "AlignmentJob"
+    assert config.paths.model == "/mnt/cache/model"
+    assert fetches(children) == {"hf://Qwen/Qwen2.5-1.5B-Instruct": "/mnt/cache/model"}
+    reward_path = config.model_path("method.rewards[0].model")
+    assert reward_path == "/mnt/pvc/team-outputs/alignmentjob/qwen-reward-model/final"
+    # the reward model's claim is mounted read-only where the run config says
+    assert mount_holding(trainer(children), reward_path)["readOnly"] is True
+    assert the(children, "Job")["metadata"]["labels"]["lmforge.io/job-kind"] == "AlignmentJob"

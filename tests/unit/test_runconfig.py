@@ -10,6 +10,8 @@ import pytest
 from lmforge.trainer.launch import torchrun_command
 from lmforge.trainer.loop import deepspeed_config, fsdp_arguments
 
+from lmforge.api.kinds import DEFAULT_BETA
+from lmforge.api.references import model_references
 from lmforge.api.runconfig import RUN_CONFIG_VERSION, RunConfig, resolve_run_config
 from lmforge.api.validation import parse_object
 from lmforge.local import LocalRunError, local_run_config
@@ -24,7 +26,7 @@ def _job(**spec_changes: object):  # type: ignore[no-untyped-def]
 
 def test_defaults_are_resolved() -> None:
     job = _job(distributed={"nodes": 2, "gpusPerNode": 4}, training={"batchSize": {"perDevice": 2}})
-    config = resolve_run_config(job, model="/models/base", output="/out")
+    config = resolve_run_config(job, models={"model": "/models/base"}, output="/out")
     spec = config.spec
     assert config.version == RUN_CONFIG_VERSION
     assert spec.training.epochs == 1.0
@@ -41,14 +43,14 @@ def test_gradient_accumulation_is_derived() -> None:
         distributed={"nodes": 2, "gpusPerNode": 8},
         training={"batchSize": {"perDevice": 2, "global": 128}},
     )
-    config = resolve_run_config(job, model="m", output="o")
+    config = resolve_run_config(job, models={"model": "m"}, output="o")
     assert config.gradient_accumulation_steps == 4
     assert config.spec.distributed.strategy == "fsdp"  # full fine-tuning on 16 GPUs
     assert config.spec.training.learning_rate == 2e-5
 
 
 def test_round_trip_and_version_check(tmp_path: Path) -> None:
-    config = resolve_run_config(_job(), model="m", output="o")
+    config = resolve_run_config(_job(), models={"model": "m"}, output="o")
     path = tmp_path / "run.json"
     config.dump(path)
     assert RunConfig.load(path) == config
@@ -111,3 +113,55 @@ def test_deepspeed_and_fsdp_configs() -> None:
     fsdp = fsdp_arguments("LlamaDecoderLayer", gradient_checkpointing=True)
     assert fsdp["fsdp"] == "full_shard auto_wrap"
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+
+
+def _alignment(data_format: str = "preference", **method: object):  # type: ignore[no-untyped-def]
+    obj = copy.deepcopy(BASE["AlignmentJob"])
+    obj["spec"]["method"] = method
+    obj["spec"]["dataset"]["sources"][0]["format"] = data_format
+    return parse_object(obj)
+
+
+def test_alignment_run_config_locates_every_model_and_fills_beta(tmp_path: Path) -> None:
+    job = _alignment(
+        "prompt",
+        type="grpo",
+        referenceModel={"source": "hf://org/ref"},
+        rewards=[
+            {"model": {"fromJob": {"kind": "AlignmentJob", "name": "rm"}}},
+            {"rule": {"type": "length-penalty"}},
+        ],
+    )
+    refs = [r.field for r in model_references(job.spec)]
+    assert refs == ["model", "method.referenceModel", "method.rewards[0].model"]
+    models = {field: f"/m/{i}" for i, field in enumerate(refs)}
+    config = resolve_run_config(job, models=models, output="o")
+    assert config.kind == "AlignmentJob"
+    assert config.spec.method.beta == DEFAULT_BETA["grpo"]  # type: ignore[union-attr]
+    assert config.model_path("method.rewards[0].model") == "/m/2"
+    path = tmp_path / "run.json"
+    config.dump(path)
+    assert RunConfig.load(path) == config  # the AlignmentJob spec survives the round trip
+    # SimPO's default reward scale differs from DPO's.
+    simpo = resolve_run_config(_alignment(type="simpo"), models={"model": "m"}, output="o")
+    assert simpo.spec.method.beta == 2.0  # type: ignore[union-attr]
+
+
+def test_local_alignment_resolves_reward_model_from_an_earlier_local_run(tmp_path: Path) -> None:
+    job = _alignment(
+        "prompt",
+        type="raft",
+        rewards=[{"model": {"fromJob": {"kind": "AlignmentJob", "name": "rm"}}}],
+    )
+    sft = tmp_path / "runs" / "finetunejob" / "sft"  # spec.model's fromJob, done already
+    (sft / "final").mkdir(parents=True)
+    (sft / "metrics.json").write_text("{}")
+    with pytest.raises(
+        LocalRunError, match=r"spec.method.rewards\[0\].model.fromJob: AlignmentJob rm"
+    ):
+        local_run_config(job, tmp_path / "j.yaml", None, tmp_path / "runs")
+    done = tmp_path / "runs" / "alignmentjob" / "rm"
+    (done / "final").mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    config = local_run_config(job, tmp_path / "j.yaml", None, tmp_path / "runs")
+    assert config.model_path("method.rewards[0].model") == str((done / "final").resolve())

@@ -15,7 +15,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from lmforge.operator.render import LABEL_ATTEMPT, LABEL_KIND, LABEL_NAME, MANAGED_BY
+from lmforge.operator.ownership import LABEL_ATTEMPT, LABEL_KIND, LABEL_NAME, MANAGED_BY
 
 from lmforge.api.base import GROUP, VERSION
 from lmforge.api.kinds import KINDS

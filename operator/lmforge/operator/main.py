@@ -20,17 +20,17 @@ from kubernetes import config as kube_config
 from lmforge.operator.kube import Kube
 from lmforge.operator.leader import LeaderElection
 from lmforge.operator.metrics import OperatorMetrics, serve
-from lmforge.operator.reconcile import Reconciler
-from lmforge.operator.render import LABEL_KIND, LABEL_NAME, OperatorSettings
+from lmforge.operator.ownership import LABEL_KIND, LABEL_NAME
+from lmforge.operator.settings import OperatorSettings
+from lmforge.operator.training.reconcile import Reconciler
 
 from lmforge.api.base import GROUP, VERSION
-from lmforge.api.kinds import KINDS
+from lmforge.api.kinds import KINDS, TRAINING_KINDS
 
 log = logging.getLogger("lmforge.operator")
 
-# Kinds whose workloads the operator runs. AlignmentJob joins once its trainer exists:
-# the reconciler and renderers are generic over the kind already.
-MANAGED_KINDS = ("FinetuneJob",)
+# Kinds whose workloads the operator runs: every training kind through one reconciler.
+MANAGED_KINDS = TRAINING_KINDS
 
 
 def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegistry:

@@ -13,6 +13,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from lmforge.api.kinds import TRAINING_KINDS
+
 PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
 
 
@@ -83,7 +85,7 @@ class OperatorMetrics:
 
     def _refresh(self) -> None:
         counts = Tally((k, p) for (k, _, _), p in self._phases.items())
-        kinds = {k for k, _ in counts} | {"FinetuneJob"}
+        kinds = {k for k, _ in counts} | set(TRAINING_KINDS)  # zero series for every kind
         for kind in kinds:
             for phase in PHASES:
                 self.jobs.labels(kind, phase).set(counts.get((kind, phase), 0))

@@ -167,8 +167,9 @@ class Observed:
     backoff_limit: int
     suspend: bool
     queued: bool
-    dependency: dict[str, Any] | None = None  # referenced job (fromJob), None when not used
-    dependency_name: str = ""
+    # Jobs referenced by fromJob (model, referenceModel, reward models), by a description
+    # such as "FinetuneJob sft (spec.model)"; None: the job does not exist.
+    dependencies: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     workload: dict[str, Any] | None = None  # the batch/v1 Job of the current attempt
     pods: list[dict[str, Any]] = field(default_factory=list)
     output_uri: str = ""
@@ -345,26 +346,20 @@ def decide(obs: Observed) -> Decision:
 
 
 def _check_dependency(obs: Observed, status: _Status) -> Decision | None:
-    if obs.dependency_name == "":
-        return None
-    dep = obs.dependency
-    if dep is None:
-        status.phase(
-            "Pending",
-            "WaitingForModel",
-            f"waiting for {obs.dependency_name}, which does not exist yet",
-        )
-        return status.decision()
-    phase = (dep.get("status") or {}).get("phase")
-    if phase == "Failed":
-        status.phase("Failed", "ModelJobFailed", f"{obs.dependency_name} failed; no model to train")
-        return status.decision()
-    if phase != "Succeeded":
-        status.phase(
-            "Pending",
-            "WaitingForModel",
-            f"waiting for {obs.dependency_name} to succeed (now {phase or 'Pending'})",
-        )
+    """Wait until every referenced job has succeeded; fail if one of them failed."""
+    missing, unfinished = [], []
+    for name, dep in obs.dependencies.items():
+        phase = ((dep or {}).get("status") or {}).get("phase")
+        if dep is not None and phase == "Failed":
+            status.phase("Failed", "ModelJobFailed", f"{name} failed; no model to train")
+            return status.decision()
+        if dep is None:
+            missing.append(f"{name}, which does not exist yet")
+        elif phase != "Succeeded":
+            unfinished.append(f"{name} to succeed (now {phase or 'Pending'})")
+    waiting = missing + unfinished
+    if waiting:
+        status.phase("Pending", "WaitingForModel", "waiting for " + "; ".join(waiting))
         return status.decision()
     return None
 

@@ -15,15 +15,15 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
-from lmforge.operator import lifecycle
 from lmforge.operator.kube import Kube
-from lmforge.operator.lifecycle import TERMINAL_PHASES, Action, Observed, decide
 from lmforge.operator.metrics import OperatorMetrics
-from lmforge.operator.render import (
-    LABEL_ATTEMPT,
+from lmforge.operator.ownership import LABEL_ATTEMPT
+from lmforge.operator.settings import OperatorSettings
+from lmforge.operator.storage import LocalPathOnCluster
+from lmforge.operator.training import lifecycle
+from lmforge.operator.training.lifecycle import TERMINAL_PHASES, Action, Observed, decide
+from lmforge.operator.training.render import (
     OUTPUT_MOUNT,
-    LocalPathOnCluster,
-    OperatorSettings,
     TrainingTarget,
     output_claim_name,
     output_uri,
@@ -33,11 +33,10 @@ from lmforge.operator.render import (
 )
 from pydantic import ValidationError
 
-from lmforge.api.kinds import KINDS
+from lmforge.api.kinds import KINDS, AlignmentJob, TrainingJob, TrainingJobSpec
+from lmforge.api.references import model_references
 
 log = logging.getLogger(__name__)
-
-TRAINING_KINDS = ("FinetuneJob", "AlignmentJob")
 
 
 class Reconciler:
@@ -85,18 +84,13 @@ class Reconciler:
         except ValidationError as err:  # the CRD should prevent this; say so rather than crash
             self._fail_invalid(body, status, generation, str(err)[:2000])
             return
+        assert isinstance(job, TrainingJob)
 
-        spec = job.spec  # type: ignore[attr-defined]
+        spec = job.spec
         attempt = int(status.get("restarts", 0))
-        dependency, dependency_name, model_uri = None, "", spec.model.source or ""
-        if spec.model.from_job is not None:
-            ref = spec.model.from_job
-            dependency_name = f"{ref.kind} {ref.name}"
-            dependency = self.kube.get(ref.kind, namespace, ref.name)
-            model_uri = ((dependency or {}).get("status") or {}).get("output", {}).get("uri", "")
-
-        target = TrainingTarget(job, namespace, meta["uid"], model_uri, attempt, self.settings)
-        if model_uri:
+        dependencies, model_uris = self._resolve_models(job, namespace)
+        target = TrainingTarget(job, namespace, meta["uid"], model_uris, attempt, self.settings)
+        if all(model_uris.values()):
             try:
                 plan_mounts(target)
             except LocalPathOnCluster as err:
@@ -113,14 +107,13 @@ class Reconciler:
             backoff_limit=spec.run_policy.backoff_limit,
             suspend=spec.run_policy.suspend,
             queued=spec.scheduling.queue_name is not None,
-            dependency=dependency,
-            dependency_name=dependency_name,
+            dependencies=dependencies,
             workload=current,
             pods=pods,
             output_uri=output_uri(target),
             output_claim=output_claim_name(target),
             output_mount=OUTPUT_MOUNT,
-            output_kind="full" if spec_method_type(spec) in ("full", "lisa") else "adapter",
+            output_kind=output_kind(job),
             now=lifecycle.now(),
         )
         decision = decide(observed)
@@ -148,6 +141,23 @@ class Reconciler:
             self.metrics.observe_finished(kind, phase, meta.get("creationTimestamp"))
         if phase == "Running":
             self.metrics.count_gpu_time(kind, namespace, name, gpus_requested(spec))
+
+    def _resolve_models(
+        self, job: TrainingJob, namespace: str
+    ) -> tuple[dict[str, dict[str, Any] | None], dict[str, str]]:
+        """Every model reference's URI; fromJob ones from the referenced job's output ('' while
+        it has none). Returns the referenced jobs too, by a description naming the field."""
+        dependencies: dict[str, dict[str, Any] | None] = {}
+        uris: dict[str, str] = {}
+        for ref in model_references(job.spec):
+            if ref.source.from_job is None:
+                uris[ref.field] = ref.source.source or ""
+                continue
+            other = ref.source.from_job
+            body = self.kube.get(other.kind, namespace, other.name)
+            dependencies[f"{other.kind} {other.name} (spec.{ref.field})"] = body
+            uris[ref.field] = ((body or {}).get("status") or {}).get("output", {}).get("uri", "")
+        return dependencies, uris
 
     def _fail_invalid(
         self, body: dict[str, Any], status: dict[str, Any], generation: int, message: str
@@ -227,11 +237,12 @@ class Reconciler:
                 self.kube.delete("Job", target.namespace, workload["metadata"]["name"])
 
 
-def spec_method_type(spec: Any) -> str:
-    """The trained-parameter method of a job: FinetuneJob.method or AlignmentJob.method.peft."""
-    method = spec.method
-    return str(getattr(method, "peft", method).type)
+def output_kind(job: TrainingJob) -> str:
+    """What the job's final/ holds: a reward model, full weights, or an adapter."""
+    if isinstance(job, AlignmentJob) and job.spec.method.type == "reward-model":
+        return "reward-model"
+    return "full" if job.spec.tuning.type in ("full", "lisa") else "adapter"
 
 
-def gpus_requested(spec: Any) -> int:
+def gpus_requested(spec: TrainingJobSpec) -> int:
     return int(spec.distributed.nodes * spec.distributed.gpus_per_node)

@@ -1,0 +1,1 @@
+"""The training kinds (FinetuneJob, AlignmentJob): render, lifecycle, reconcile."""
