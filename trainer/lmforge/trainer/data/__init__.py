@@ -16,7 +16,6 @@ from lmforge.trainer.data.templates import NAMED_TEMPLATES, resolve_chat_templat
 from lmforge.trainer.data.tokenization import (
     TokenizedData,
     encode_prompt,
-    tokenize_documents,
     tokenize_examples,
 )
 
@@ -34,6 +33,5 @@ __all__ = [
     "load_source",
     "prepare_data",
     "resolve_chat_template",
-    "tokenize_documents",
     "tokenize_examples",
 ]

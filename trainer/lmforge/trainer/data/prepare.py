@@ -35,7 +35,8 @@ from lmforge.trainer.data.report import data_metrics, summary_line, warnings
 from lmforge.trainer.data.tokenization import (
     IGNORE,
     Encoded,
-    TokenStats,
+    block_stats,
+    chat_stats,
     cut_blocks,
     encode_example,
 )
@@ -376,18 +377,12 @@ def _tokenized(
     if continued_pretraining:
         path = cache_dir / f"{split}-blocks.arrow"
         blocks = _write_blocks(tokens, path, spec.max_seq_length, spec.keep_partial_block)
-        tokens_in = int(lengths.sum())
-        stats = {
-            "documents": len(tokens),
-            "tokens_in": tokens_in,
+        stats = block_stats(
+            documents=len(tokens),
+            tokens_in=int(lengths.sum()),
+            percentiles=percentiles(lengths),
             **blocks,
-            "trained_fraction": blocks["tokens_trained"] / tokens_in if tokens_in else 0.0,
-            "records": blocks["blocks"],
-            "examples": len(tokens),
-            "dropped": 0,
-            "truncated": 0,
-            "length_percentiles": percentiles(lengths),
-        }
+        )
         return datasets.Dataset.from_file(str(path)), stats
 
     labels = table.column("labels")
@@ -396,17 +391,17 @@ def _tokenized(
     dropped = trained == 0
     kept_lengths = _as_numpy(pc.list_value_length(table.column("input_ids")))[~dropped]
     prompt = _as_numpy(table.column("prompt_tokens"))
-    counts = TokenStats()
-    counts.examples = len(tokens)
-    counts.records = int((~dropped).sum())
-    counts.dropped = int(dropped.sum())
-    counts.truncated = int(truncated.sum())
-    counts.tokens = int(kept_lengths.sum())
-    counts.trainable_tokens = int(trained.sum())
-    counts.max_length = int(kept_lengths.max()) if len(kept_lengths) else 0
-    counts.longest_dropped_prompt = int(prompt[dropped].max()) if dropped.any() else 0
-    stats = counts.as_dict()
-    stats["length_percentiles"] = percentiles(lengths)
+    stats = chat_stats(
+        examples=len(tokens),
+        records=int((~dropped).sum()),
+        dropped=int(dropped.sum()),
+        truncated=int(truncated.sum()),
+        tokens=int(kept_lengths.sum()),
+        trainable_tokens=int(trained.sum()),
+        max_length=int(kept_lengths.max()) if len(kept_lengths) else 0,
+        longest_dropped_prompt=int(prompt[dropped].max()) if dropped.any() else 0,
+        percentiles=percentiles(lengths),
+    )
     records = tokens.select(np.flatnonzero(~dropped)).select_columns(["input_ids", "labels"])
     if spec.packing:
         path = cache_dir / f"{split}-packed.arrow"
@@ -466,7 +461,6 @@ def _write_blocks(tokens: Any, path: Path, size: int, keep_partial: bool) -> dic
             yield {"input_ids": block, "labels": [IGNORE, *block[1:]]}
 
     write_arrow(path, schema, rows())
-    found["trainable_tokens"] = found["tokens_trained"]
     return found
 
 

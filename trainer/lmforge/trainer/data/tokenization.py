@@ -101,21 +101,74 @@ class TokenStats:
         self.max_length = max(self.max_length, len(encoded.ids))
 
     def as_dict(self) -> dict[str, Any]:
-        examples = self.examples
-        return {
-            "examples": examples,
-            "records": self.records,
-            "dropped": self.dropped,
-            "dropped_fraction": self.dropped / examples if examples else 0.0,
-            "longest_dropped_prompt": self.longest_dropped_prompt,
-            "tokens": self.tokens,
-            "trainable_tokens": self.trainable_tokens,
-            "truncated": self.truncated,
-            "truncated_fraction": self.truncated / examples if examples else 0.0,
-            "max_length": self.max_length,
-            "mean_length": self.tokens / self.records if self.records else 0.0,
-            "length_percentiles": length_percentiles(self.lengths),
-        }
+        return chat_stats(
+            examples=self.examples,
+            records=self.records,
+            dropped=self.dropped,
+            truncated=self.truncated,
+            tokens=self.tokens,
+            trainable_tokens=self.trainable_tokens,
+            max_length=self.max_length,
+            longest_dropped_prompt=self.longest_dropped_prompt,
+            percentiles=length_percentiles(self.lengths),
+        )
+
+
+def chat_stats(
+    *,
+    examples: int,
+    records: int,
+    dropped: int,
+    truncated: int,
+    tokens: int,
+    trainable_tokens: int,
+    max_length: int,
+    longest_dropped_prompt: int,
+    percentiles: dict[str, int],
+) -> dict[str, Any]:
+    """What tokenization did to chat/instruction records (data-stats.json's keys)."""
+    return {
+        "examples": examples,
+        "records": records,
+        "dropped": dropped,
+        "dropped_fraction": dropped / examples if examples else 0.0,
+        "longest_dropped_prompt": longest_dropped_prompt,
+        "tokens": tokens,
+        "trainable_tokens": trainable_tokens,
+        "truncated": truncated,
+        "truncated_fraction": truncated / examples if examples else 0.0,
+        "max_length": max_length,
+        "mean_length": tokens / records if records else 0.0,
+        "length_percentiles": percentiles,
+    }
+
+
+def block_stats(
+    *,
+    documents: int,
+    tokens_in: int,
+    blocks: int,
+    tokens: int,
+    tokens_trained: int,
+    partial_block: str,
+    percentiles: dict[str, int],
+) -> dict[str, Any]:
+    """What continued pretraining kept of the corpus (chat keys too, where they agree)."""
+    return {
+        "documents": documents,
+        "tokens_in": tokens_in,
+        "blocks": blocks,
+        "partial_block": partial_block,  # "kept", "dropped", or "none" (no short last block)
+        "tokens": tokens,
+        "tokens_trained": tokens_trained,
+        "trained_fraction": tokens_trained / tokens_in if tokens_in else 0.0,
+        "examples": documents,
+        "records": blocks,
+        "trainable_tokens": tokens_trained,
+        "dropped": 0,
+        "truncated": 0,
+        "length_percentiles": percentiles,
+    }
 
 
 def length_percentiles(lengths: Sequence[int]) -> dict[str, int]:
@@ -177,87 +230,6 @@ def tokenize_examples(
             for ids, labels in encoded
         ]
     return TokenizedData(records=records, stats=stats)
-
-
-def tokenize_documents(
-    examples: Iterable[Example],
-    tokenizer: Any,
-    *,
-    chat_template: str | None,
-    max_seq_length: int,
-    keep_partial_block: bool,
-) -> TokenizedData:
-    """Continued pretraining: documents joined with EOS and cut into max_seq_length blocks.
-
-    Every document is tokenized whole (conversations rendered with `chat_template`), ends with
-    EOS, and the stream of all of them is cut into blocks, so no document is truncated: only
-    the first token of each block is not trained (nothing in the block precedes it) and, when
-    `keep_partial_block` is false, the tokens of a last block shorter than max_seq_length.
-    """
-    problems: list[DataProblem] = []
-    documents = tokens_in = 0
-    lengths = array("I")
-
-    def token_stream() -> Iterator[list[int]]:
-        nonlocal documents, tokens_in
-        for example in examples:
-            record = encode_example(
-                example,
-                tokenizer,
-                chat_template=chat_template,
-                max_seq_length=None,
-                train_on_prompt=True,
-                problems=problems,
-            )
-            if record is None:
-                continue
-            documents += 1
-            tokens_in += len(record.ids)
-            lengths.append(len(record.ids))
-            yield record.ids
-
-    records = []
-    partial = "none"
-    for block in cut_blocks(token_stream(), max_seq_length):
-        if len(block) < max_seq_length:
-            partial = "kept" if keep_partial_block else "dropped"
-            if not keep_partial_block:
-                continue
-        records.append(
-            {"input_ids": block, "labels": [IGNORE, *block[1:]], "attention_mask": [1] * len(block)}
-        )
-    if problems:
-        raise DataError(problems)
-    return TokenizedData(
-        records=records, stats=block_stats(documents, tokens_in, lengths, records, partial)
-    )
-
-
-def block_stats(
-    documents: int,
-    tokens_in: int,
-    lengths: Sequence[int],
-    blocks: Sequence[Mapping[str, Sequence[int]]],
-    partial_block: str,
-) -> dict[str, Any]:
-    """What continued pretraining kept of the corpus (same keys as chat stats where they agree)."""
-    tokens = sum(len(block["input_ids"]) for block in blocks)
-    trained = sum(sum(label != IGNORE for label in block["labels"]) for block in blocks)
-    return {
-        "documents": documents,
-        "tokens_in": tokens_in,
-        "blocks": len(blocks),
-        "partial_block": partial_block,
-        "tokens": tokens,
-        "tokens_trained": trained,
-        "trainable_tokens": trained,
-        "trained_fraction": trained / tokens_in if tokens_in else 0.0,
-        "records": len(blocks),
-        "examples": documents,
-        "dropped": 0,
-        "truncated": 0,
-        "length_percentiles": length_percentiles(lengths),
-    }
 
 
 def cut_blocks(documents: Iterable[list[int]], size: int) -> Iterator[list[int]]:
