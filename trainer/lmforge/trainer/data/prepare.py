@@ -48,7 +48,15 @@ PARALLEL_FROM = 20_000  # examples from which tokenization uses several processe
 EXAMPLE_SCHEMA = pa.schema([("example", pa.string())])
 TOKENS = pa.list_(pa.int32())
 EXAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Example))
-TOKEN_COLUMNS = ("input_ids", "labels", "length", "prompt_tokens", "truncated", "problem")
+TOKEN_COLUMNS = (
+    "input_ids",
+    "labels",
+    "length",
+    "prompt_tokens",
+    "trained",
+    "truncated",
+    "problem",
+)
 
 
 @dataclass
@@ -329,6 +337,8 @@ class _Tokenize:
             out["labels"].append(encoded.labels)
             out["length"].append(encoded.length)
             out["prompt_tokens"].append(encoded.prompt_tokens)
+            # Counted here, so that the statistics never page the token columns back in.
+            out["trained"].append(sum(label != IGNORE for label in encoded.labels))
             out["truncated"].append(encoded.truncated)
             out["problem"].append(json.dumps(dataclasses.astuple(problems[0])) if problems else "")
         return out
@@ -362,6 +372,7 @@ def _tokenized(
                 "labels": datasets.List(datasets.Value("int32")),
                 "length": datasets.Value("int64"),
                 "prompt_tokens": datasets.Value("int64"),
+                "trained": datasets.Value("int64"),
                 "truncated": datasets.Value("bool"),
                 "problem": datasets.Value("string"),
             }
@@ -385,8 +396,7 @@ def _tokenized(
         )
         return datasets.Dataset.from_file(str(path)), stats
 
-    labels = table.column("labels")
-    trained = _trained_counts(labels)
+    trained = _as_numpy(table.column("trained"))
     truncated = _as_numpy(table.column("truncated"))
     dropped = trained == 0
     kept_lengths = _as_numpy(pc.list_value_length(table.column("input_ids")))[~dropped]
@@ -425,19 +435,6 @@ def percentiles(lengths: np.ndarray) -> dict[str, int]:
         return int(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))])
 
     return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": int(ordered[-1])}
-
-
-def _trained_counts(labels: pa.ChunkedArray) -> np.ndarray:
-    """Per record, how many labels are not IGNORE (without building Python lists)."""
-    counts = []
-    for chunk in labels.chunks:
-        flat = chunk.flatten()
-        trained = pc.not_equal(flat, IGNORE).cast(pa.int64()).to_numpy(zero_copy_only=False)
-        offsets = chunk.offsets.to_numpy()
-        offsets = offsets - offsets[0]
-        cumulative = np.concatenate([[0], np.cumsum(trained)])
-        counts.append(cumulative[offsets[1:]] - cumulative[offsets[:-1]])
-    return np.concatenate(counts) if counts else np.zeros(0, np.int64)
 
 
 def _write_blocks(tokens: Any, path: Path, size: int, keep_partial: bool) -> dict[str, Any]:
