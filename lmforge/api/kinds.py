@@ -101,6 +101,19 @@ class TrainingJobSpec(ApiModel):
         """Which parameters are trained (FinetuneJob.method, AlignmentJob.method.peft)."""
         raise NotImplementedError
 
+    @property
+    def objective(self) -> str:
+        """What is trained for, in the user's words: FinetuneJob.task or the alignment method."""
+        raise NotImplementedError
+
+    @property
+    def output_kind(self) -> Literal["adapter", "full", "reward-model"]:
+        """What final/ holds: a reward model (always loadable on its own), full weights, or an
+        adapter."""
+        if self.objective == "reward-model":
+            return "reward-model"
+        return "full" if self.tuning.type in ("full", "lisa") else "adapter"
+
 
 class Progress(ApiModel):
     """Training progress, reported by the trainer and copied into status."""
@@ -264,6 +277,10 @@ class FinetuneJobSpec(TrainingJobSpec):
     @property
     def tuning(self) -> TuningMethod:
         return self.method
+
+    @property
+    def objective(self) -> str:
+        return self.task
 
 
 class FinetuneJob(TrainingJob):
@@ -564,6 +581,10 @@ class AlignmentJobSpec(TrainingJobSpec):
     @property
     def tuning(self) -> TuningMethod:
         return self.method.peft
+
+    @property
+    def objective(self) -> str:
+        return self.method.type
 
 
 class AlignmentJob(TrainingJob):

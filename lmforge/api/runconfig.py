@@ -29,7 +29,9 @@ from lmforge.api.kinds import (
     TRAINING_KINDS,
     AlignmentJobSpec,
     FinetuneJobSpec,
+    RewardFunction,
     TrainingJob,
+    TrainingJobSpec,
 )
 
 RUN_CONFIG_VERSION = "lmforge.io/run-config/v2"
@@ -122,6 +124,19 @@ class RunConfig(ApiModel):
             raise ValueError(f"{path}: invalid run config:\n{err}") from None
 
 
+def reward_functions(spec: TrainingJobSpec) -> list[RewardFunction]:
+    """The user reward functions of a spec (their folders are inputs like data files)."""
+    if not isinstance(spec, AlignmentJobSpec):
+        return []
+    return [r.function for r in spec.method.rewards if r.function is not None]
+
+
+def input_locations(spec: TrainingJobSpec) -> list[str]:
+    """Every non-model input a run reads: dataset files and reward-function folders."""
+    data = [s.uri for s in (*spec.dataset.sources, *spec.dataset.eval_split.sources)]
+    return data + [f.path for f in reward_functions(spec) if f.path is not None]
+
+
 def default_learning_rate(method: TuningMethod) -> float:
     if method.type == "full":
         return DEFAULT_LEARNING_RATE["full"]
@@ -171,6 +186,9 @@ def resolve_run_config(
         training.batch_size.global_ = training.batch_size.per_device * distributed.processes
     for source in (*spec.dataset.sources, *spec.dataset.eval_split.sources):
         source.uri = resolve_data_uri(source.uri)
+    for function in reward_functions(spec):
+        if function.path is not None:
+            function.path = resolve_data_uri(function.path)
     return RunConfig(
         kind=job.kind,
         name=job.name,
@@ -180,6 +198,10 @@ def resolve_run_config(
         metrics_port=metrics_port,
     )
 
+
+# Where a training pod finds the ConfigMap of a reward function (`function.configMap`):
+# <REWARD_FUNCTIONS_DIR>/<configMap name>/ is put on sys.path.
+REWARD_FUNCTIONS_DIR = "/etc/lmforge/functions"
 
 # How a training pod reports to the operator: annotations on its own pod (JSON).
 PROGRESS_ANNOTATION = "lmforge.io/progress"  # a kinds.Progress

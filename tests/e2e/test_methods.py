@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from lmforge.trainer.finetune import run
 from lmforge.trainer.model import MethodError
+from lmforge.trainer.recipes.sft import run
 
 from lmforge.api.validation import load_file
 from lmforge.local import local_run_config

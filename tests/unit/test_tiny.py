@@ -166,3 +166,19 @@ def test_data_dir_can_be_relocated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         tiny.bundled_texts()
     (tmp_path / tiny.CORPUS_FILE).write_text("first paragraph\n\nsecond\n")
     assert tiny.bundled_texts() == ["first paragraph", "second\n"]
+
+
+def test_bundled_alignment_files_are_current_and_right() -> None:
+    data_dir = tiny.bundled_data_dir()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for fresh in tiny.write_alignment_data(Path(tmp)):
+            assert (data_dir / fresh.name).read_text() == fresh.read_text(), fresh.name
+    prefs = [json.loads(line) for line in (data_dir / tiny.PREFERENCE_FILES["train"]).open()]
+    assert all(p["chosen"] != p["rejected"] for p in prefs)
+    for p in prefs:  # chosen is the right spelling of the prompt's digits
+        digits = p["prompt"].removeprefix(tiny.TASK_PREFIX).replace(" ", "")
+        assert p["chosen"] == tiny.spell(digits)
+    labels = [json.loads(line)["label"] for line in (data_dir / tiny.KTO_FILE).open()]
+    assert 0.4 < sum(labels) / len(labels) < 0.6

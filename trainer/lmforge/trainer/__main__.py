@@ -115,14 +115,14 @@ def run(config_path: Path) -> int:
 
     import torch
     from lmforge.trainer.data import DataError
-    from lmforge.trainer.finetune import run as finetune
     from lmforge.trainer.model import MethodError
+    from lmforge.trainer.recipes import RecipeUnavailable, run_recipe
 
     try:
-        finetune(config)
+        run_recipe(config)
     except DataError as err:
         return fail(EXIT_BAD_DATA, "BadData", str(err))
-    except MethodError as err:
+    except (MethodError, RecipeUnavailable) as err:
         return fail(EXIT_BAD_CONFIG, "InvalidMethod", str(err))
     except torch.OutOfMemoryError as err:
         return fail(EXIT_OUT_OF_MEMORY, "OutOfMemory", f"CUDA out of memory: {err}")

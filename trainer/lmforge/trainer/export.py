@@ -56,7 +56,7 @@ def save_merged(base_path: str, adapter_dir: Path, tokenizer: Any, out: Path) ->
 
 
 def output_kind(config: RunConfig) -> str:
-    return "full" if config.spec.method.type in ("full", "lisa") else "adapter"
+    return config.spec.output_kind
 
 
 def write_model_card(config: RunConfig, final: Path, metrics: dict[str, Any]) -> None:
@@ -69,14 +69,14 @@ def write_model_card(config: RunConfig, final: Path, metrics: dict[str, Any]) ->
         "base_model": config.paths.model,
         "library_name": "peft" if is_adapter else "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["lmforge", spec.task, spec.method.type],
+        "tags": ["lmforge", spec.objective, spec.tuning.type],
     }
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
     lines += [
         f"# {config.name}",
         "",
         f"{'Adapter' if is_adapter else 'Model'} produced by the LMForge {config.kind} "
-        f"`{config.name}`: {spec.task} with {spec.method.type} on `{config.paths.model}`.",
+        f"`{config.name}`: {spec.objective} with {spec.tuning.type} on `{config.paths.model}`.",
         "",
         "## Training",
         "",

@@ -1,4 +1,6 @@
-"""The training loop: transformers' Trainer with LMForge's checkpoints, progress and methods."""
+"""The training loop pieces every recipe shares: atomic checkpoints (a mixin that sits in
+front of transformers' Trainer or any TRL trainer), progress, method callbacks, and the
+training arguments as kwargs that TrainingArguments and every TRL config accept."""
 
 from __future__ import annotations
 
@@ -41,11 +43,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class AtomicCheckpointTrainer(Trainer):
-    """A Trainer whose checkpoints appear only when complete (see `checkpoints`)."""
+class AtomicCheckpoints:
+    """Checkpoints appear only when complete (see `checkpoints`).
+
+    A mixin placed before the trainer class (`class X(AtomicCheckpoints, DPOTrainer)`):
+    TRL's trainers override `_save_checkpoint` themselves, so this wraps whichever
+    implementation comes next in the MRO.
+    """
 
     keep_checkpoints: int = 2
     on_checkpoint: Any = None  # called with (step, path) on rank 0 once a checkpoint is complete
+    args: Any
+    state: Any
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         final_dir = Path(self.args.output_dir)
@@ -54,7 +63,7 @@ class AtomicCheckpointTrainer(Trainer):
         # rank, trainer state) into the staging folder, then publish it in one rename.
         object.__setattr__(self.args, "output_dir", str(staging))
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             object.__setattr__(self.args, "output_dir", str(final_dir))
         _barrier()
@@ -66,6 +75,15 @@ class AtomicCheckpointTrainer(Trainer):
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.state.global_step, published)
         _barrier()
+
+
+class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
+    """transformers' Trainer with atomic checkpoints (continued pretraining and SFT)."""
+
+
+def with_atomic_checkpoints(trainer_class: type[Any]) -> type[Any]:
+    """`trainer_class` (e.g. TRL's DPOTrainer) with atomic checkpoints in front of it."""
+    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
 
 
 # ---------------------------------------------------------------- callbacks
@@ -230,7 +248,16 @@ def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, A
 def training_arguments(
     config: RunConfig, precision: Precision, model: torch.nn.Module, has_eval: bool
 ) -> TrainingArguments:
-    """Trainer arguments from the resolved run config."""
+    """transformers TrainingArguments from the resolved run config."""
+    return TrainingArguments(**training_kwargs(config, precision, model, has_eval))
+
+
+def training_kwargs(
+    config: RunConfig, precision: Precision, model: torch.nn.Module, has_eval: bool
+) -> dict[str, Any]:
+    """The arguments of the run config as kwargs that TrainingArguments and TRL's configs
+    (RewardConfig, DPOConfig, KTOConfig, GRPOConfig, ...) accept alike. Precision and
+    gradient checkpointing are always explicit: TRL's configs default both on."""
     spec = config.spec
     training, ckpt = spec.training, spec.checkpoint
     out = config.output_dir
@@ -262,7 +289,7 @@ def training_arguments(
         "remove_unused_columns": False,
         "dataloader_pin_memory": torch.cuda.is_available(),
         "use_cpu": not torch.cuda.is_available(),
-        "ddp_find_unused_parameters": spec.method.type in ("lisa", "prefix-tuning"),
+        "ddp_find_unused_parameters": spec.tuning.type in ("lisa", "prefix-tuning"),
         "disable_tqdm": not os.isatty(2),
         **precision.trainer_flags,
         **strategy_arguments(config, model),
@@ -271,4 +298,4 @@ def training_arguments(
         kwargs["max_steps"] = training.max_steps
     else:
         kwargs["num_train_epochs"] = training.epochs
-    return TrainingArguments(**kwargs)
+    return kwargs

@@ -241,3 +241,93 @@ def write_task_data(
         lines = [json.dumps(r) + "\n" for r in task_records(n, seed=seed, split=split)]
         path.write_text("".join(lines), encoding="utf-8")
     return train_path, eval_path
+
+
+# ---------------------------------------------------------------- alignment data for the task
+
+PREFERENCE_FILES = {"train": "tiny-preferences-train.jsonl", "eval": "tiny-preferences-eval.jsonl"}
+KTO_FILE = "tiny-kto-train.jsonl"
+PROMPT_FILES = {"train": "tiny-prompts-train.jsonl", "eval": "tiny-prompts-eval.jsonl"}
+
+
+def spell(digits: str) -> str:
+    """The right answer: "407" -> "four zero seven"."""
+    return " ".join(DIGIT_WORDS[int(d)] for d in digits)
+
+
+def misspell(digits: str, rng: random.Random) -> str:
+    """A plausible wrong answer: one digit word replaced, one dropped, or two swapped."""
+    words = spell(digits).split()
+    kind = rng.choice(("replace", "drop", "swap") if len(set(digits)) > 1 else ("replace", "drop"))
+    if kind == "replace":
+        i = rng.randrange(len(words))
+        words[i] = rng.choice([w for w in DIGIT_WORDS if w != words[i]])
+    elif kind == "drop":
+        del words[rng.randrange(len(words))]
+    else:
+        i, j = rng.sample([k for k in range(len(words))], 2)
+        while words[i] == words[j]:
+            i, j = rng.sample(range(len(words)), 2)
+        words[i], words[j] = words[j], words[i]
+    return " ".join(words)
+
+
+def _task_digits(n: int, seed: int, split: Split) -> list[str]:
+    digits = []
+    for record in task_records(n, seed, split):
+        prompt = record["messages"][0]["content"]
+        digits.append(prompt.removeprefix(TASK_PREFIX).replace(" ", ""))
+    return digits
+
+
+def prompt_of(digits: str) -> str:
+    return f"{TASK_PREFIX} {' '.join(digits)}"
+
+
+def preference_records(n: int, seed: int, split: Split = "train") -> list[dict[str, Any]]:
+    """``{"prompt": "spell: 4 0 7", "chosen": "four zero seven", "rejected": "four one
+    seven"}``: the right spelling preferred over a near miss (same splits as the SFT task)."""
+    rng = random.Random(f"pref-{split}-{seed}")
+    return [
+        {"prompt": prompt_of(d), "chosen": spell(d), "rejected": misspell(d, rng)}
+        for d in _task_digits(n, seed, split)
+    ]
+
+
+def kto_records(n: int, seed: int, split: Split = "train") -> list[dict[str, Any]]:
+    """``{"prompt", "completion", "label"}``: right spellings (true) and near misses (false),
+    alternating."""
+    rng = random.Random(f"kto-{split}-{seed}")
+    return [
+        {
+            "prompt": prompt_of(d),
+            "completion": spell(d) if i % 2 == 0 else misspell(d, rng),
+            "label": i % 2 == 0,
+        }
+        for i, d in enumerate(_task_digits(n, seed, split))
+    ]
+
+
+def prompt_records(n: int, seed: int, split: Split = "train") -> list[dict[str, Any]]:
+    """``{"prompt": "spell: 4 0 7", "answer": "four zero seven"}``: prompts for the online
+    methods, with the reference answer as a column for verifiable rewards."""
+    return [{"prompt": prompt_of(d), "answer": spell(d)} for d in _task_digits(n, seed, split)]
+
+
+def write_alignment_data(
+    out_dir: Path, *, n_train: int = 1000, n_eval: int = 200, seed: int = 0
+) -> list[Path]:
+    """Write the task's preference, KTO and prompt files (the bundled ones use the defaults)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[tuple[str, list[dict[str, Any]]]] = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        files.append((PREFERENCE_FILES[split], preference_records(n, seed, split)))  # type: ignore[arg-type]
+        files.append((PROMPT_FILES[split], prompt_records(n, seed, split)))  # type: ignore[arg-type]
+    files.append((KTO_FILE, kto_records(n_train, seed, "train")))
+    written = []
+    for name, records in files:
+        path = out_dir / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        written.append(path)
+    return written

@@ -33,7 +33,7 @@ from lmforge.operator.training.render import (
 )
 from pydantic import ValidationError
 
-from lmforge.api.kinds import KINDS, AlignmentJob, TrainingJob, TrainingJobSpec
+from lmforge.api.kinds import KINDS, TrainingJob, TrainingJobSpec
 from lmforge.api.references import model_references
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Reconciler:
             output_uri=output_uri(target),
             output_claim=output_claim_name(target),
             output_mount=OUTPUT_MOUNT,
-            output_kind=output_kind(job),
+            output_kind=spec.output_kind,
             now=lifecycle.now(),
         )
         decision = decide(observed)
@@ -235,13 +235,6 @@ class Reconciler:
             labels = workload["metadata"].get("labels") or {}
             if labels.get(LABEL_ATTEMPT) != str(target.attempt):
                 self.kube.delete("Job", target.namespace, workload["metadata"]["name"])
-
-
-def output_kind(job: TrainingJob) -> str:
-    """What the job's final/ holds: a reward model, full weights, or an adapter."""
-    if isinstance(job, AlignmentJob) and job.spec.method.type == "reward-model":
-        return "reward-model"
-    return "full" if job.spec.tuning.type in ("full", "lisa") else "adapter"
 
 
 def gpus_requested(spec: TrainingJobSpec) -> int:

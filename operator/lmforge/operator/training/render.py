@@ -20,7 +20,15 @@ from lmforge.operator.storage import CACHE_MOUNT, Mounts, render_claim
 from lmforge.operator.storage import plan_mounts as plan_input_mounts
 
 from lmforge.api.kinds import TrainingJob, TrainingJobSpec
-from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, RunConfig, resolve_run_config
+from lmforge.api.runconfig import (
+    EXIT_BAD_CONFIG,
+    EXIT_BAD_DATA,
+    REWARD_FUNCTIONS_DIR,
+    RunConfig,
+    input_locations,
+    resolve_run_config,
+    reward_functions,
+)
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -101,10 +109,10 @@ def output_uri(target: TrainingTarget) -> str:
 def plan_mounts(target: TrainingTarget) -> Mounts:
     """Every input of the job (models, data) as a path in the pod; inputs on the job's
     own output claim are read through its read-write mount."""
-    spec = target.spec
-    data = [s.uri for s in (*spec.dataset.sources, *spec.dataset.eval_split.sources)]
     return plan_input_mounts(
-        target.model_uris, data, own_claim=(output_claim_name(target), OUTPUT_MOUNT)
+        target.model_uris,
+        input_locations(target.spec),
+        own_claim=(output_claim_name(target), OUTPUT_MOUNT),
     )
 
 
@@ -237,6 +245,17 @@ def render_pod_template(target: TrainingTarget, mounts: Mounts) -> dict[str, Any
     image = spec.image or settings.trainer_image
     gpus = spec.distributed.gpus_per_node
     input_volumes, input_mounts = pods.input_volumes(mounts)
+    for i, name in enumerate(
+        sorted({f.config_map for f in reward_functions(spec) if f.config_map})
+    ):
+        input_volumes.append({"name": f"function-{i}", "configMap": {"name": name}})
+        input_mounts.append(
+            {
+                "name": f"function-{i}",
+                "mountPath": f"{REWARD_FUNCTIONS_DIR}/{name}",
+                "readOnly": True,
+            }
+        )
     volume_mounts: list[dict[str, Any]] = [
         {"name": "run-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "output", "mountPath": OUTPUT_MOUNT},

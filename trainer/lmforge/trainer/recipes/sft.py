@@ -1,4 +1,4 @@
-"""The FinetuneJob recipe: continued pretraining or SFT, full or parameter-efficient.
+"""The SFT recipe (FinetuneJob): continued pretraining or SFT, full or parameter-efficient.
 
 load tokenizer -> load + validate data -> tokenize -> load model -> apply method
 -> score before -> train (resuming from the last complete checkpoint) -> score after
@@ -82,15 +82,15 @@ def run(config: RunConfig) -> dict[str, Any]:
     precision = resolve_precision(spec.training.precision)
     model = load_model(
         config.paths.model,
-        method=spec.method,
+        method=spec.tuning,
         training=spec.training,
         precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )
     steps = planned_steps(config, len(data.train))
-    model = apply_method(model, spec.method, steps)
+    model = apply_method(model, spec.tuning, steps)
     trainable, total = parameter_counts(model)
-    log.info("method %s: %d of %d parameters trainable", spec.method.type, trainable, total)
+    log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
 
     scoring = spec.evaluation.metric == "exact-match" and bool(eval_examples) and main
 
@@ -116,16 +116,16 @@ def run(config: RunConfig) -> dict[str, Any]:
     callbacks: list[Any] = [ProgressCallback(reporter)]
     if spec.checkpoint.every_minutes:
         callbacks.append(TimedCheckpointCallback(spec.checkpoint.every_minutes))
-    if spec.method.type == "lisa":
+    if spec.tuning.type == "lisa":
         callbacks.append(
             LisaCallback(
                 model,
-                spec.method.lisa.active_layers,
-                spec.method.lisa.interval_steps,
+                spec.tuning.lisa.active_layers,
+                spec.tuning.lisa.interval_steps,
                 spec.training.seed,
             )
         )
-    if spec.method.type == "adalora":
+    if spec.tuning.type == "adalora":
         callbacks.append(AdaLoraCallback(model))
     args = training_arguments(config, precision, model, has_eval=data.eval is not None)
     trainer = AtomicCheckpointTrainer(
@@ -196,7 +196,7 @@ def _export(
 ) -> None:
     out = config.output_dir
     final = export.save_final(trainer.model, tokenizer, template, out)
-    if config.spec.method.merge_on_export:
+    if config.spec.tuning.merge_on_export:
         export.save_merged(config.paths.model, final, tokenizer, out)
     export.write_model_card(config, final, metrics)
     export.plot_loss(trainer.state.log_history, out / "loss.png")
