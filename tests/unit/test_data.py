@@ -946,6 +946,15 @@ def test_partial_last_block_can_be_dropped(tmp_path: Path, tokenizer: Any) -> No
     assert stats["partial_block"] == "dropped"
     assert all(len(block["input_ids"]) == 64 for block in data.train)
     assert stats["tokens"] == 64 * stats["blocks"] < stats["tokens_in"]
+    with pytest.raises(DataError, match="is shorter than one block of maxSeqLength 4,096"):
+        prepare(
+            tmp_path,
+            tokenizer,
+            pretraining=True,
+            sources=[DataSource(uri="corpus.jsonl")],
+            max_seq_length=4096,
+            keep_partial_block=False,
+        )
 
 
 def _long_prompts(path: Path, count: int, long: int) -> None:
@@ -1010,7 +1019,7 @@ def test_nothing_left_to_train_fails_with_the_summary(tmp_path: Path, tokenizer:
             max_seq_length=32,
         )
     message = str(err.value)
-    assert "4 training examples -> 0 records" in message
+    assert "no record is left to train on (4 training examples -> 0 records" in message
     assert "4 of 4 training records have no assistant tokens within maxSeqLength 32" in message
 
 

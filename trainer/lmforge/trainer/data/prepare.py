@@ -181,7 +181,9 @@ def prepare_data(
         found += warnings(eval_stats, spec.max_seq_length, "evaluation")
     stats["summary"], stats["warnings"] = summary, found
     if len(train) == 0:
-        raise DataError([DataProblem("dataset", "", "maxSeqLength", " ".join([summary, *found]))])
+        verdict = f"no record is left to train on ({summary})"
+        message = f"{verdict}: {'; '.join(found)}" if found else verdict
+        raise DataError([DataProblem("dataset", "", "", message)])
     return PreparedData(train, eval_data, eval_examples, stats, summary, found)
 
 

@@ -42,6 +42,12 @@ def summary_line(stats: Mapping[str, Any], max_seq_length: int) -> str:
 def warnings(stats: Mapping[str, Any], max_seq_length: int, split: str = "training") -> list[str]:
     """A warning, with count, cause and fix, for each thing that went wrong with many records."""
     found: list[str] = []
+    if stats.get("blocks") == 0 and stats.get("partial_block") == "dropped":
+        found.append(
+            f"the {split} corpus ({stats['tokens_in']:,} tokens) is shorter than one block of "
+            f"maxSeqLength {max_seq_length:,} and dataset.keepPartialBlock is false; keep the "
+            "partial block or lower dataset.maxSeqLength"
+        )
     examples = stats.get("examples", 0)
     if not examples:
         return found

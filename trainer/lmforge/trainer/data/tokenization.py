@@ -264,7 +264,9 @@ def pack(
 
 
 def _encode_text(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    # verbose=False: a document longer than the model's context is expected here (it is cut
+    # into blocks or truncated later, and counted); the tokenizer's warning would only alarm.
+    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     ids = _with_eos(ids, tokenizer)
     return ids, list(ids)
 
@@ -342,7 +344,10 @@ def _encode_chat(
     # Trailing whitespace after the last turn would only be an untrained token before EOS.
     text = full.rstrip()
     encoding = tokenizer(
-        text, add_special_tokens=_adds_special_tokens(chat_template), return_offsets_mapping=True
+        text,
+        add_special_tokens=_adds_special_tokens(chat_template),
+        return_offsets_mapping=True,
+        verbose=False,
     )
     ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"]
