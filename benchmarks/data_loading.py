@@ -72,8 +72,13 @@ def extract_baseline(folder: Path) -> Path:
 # ---------------------------------------------------------------- one measurement (a process)
 
 
-def worker(loader: str, data: Path, tokenizer_dir: Path, cache: Path) -> dict[str, Any]:
-    """Prepare `data` with one loader; returns seconds, records and peak RSS."""
+def worker(loader: str, stage: str, data: Path, tokenizer_dir: Path, cache: Path) -> dict[str, Any]:
+    """Prepare `data` with one loader; returns seconds, records and peak RSS.
+
+    Stage "prepare" is the whole data step (read, validate, mix, tokenize); "load" stops
+    before tokenization (read, validate, mix), which is cheap enough to run at every size
+    on a small machine.
+    """
     from transformers import AutoTokenizer
 
     from lmforge.api.common import DatasetSpec, DataSource
@@ -82,7 +87,19 @@ def worker(loader: str, data: Path, tokenizer_dir: Path, cache: Path) -> dict[st
     spec = DatasetSpec(
         sources=[DataSource(uri=str(data), format="alpaca")], max_seq_length=MAX_SEQ_LENGTH
     )
-    if loader == "new":
+    tokens: int | None = None
+    if loader == "new" and stage == "load":
+        from lmforge.trainer.data.prepare import mix_examples
+
+        rss_start = _rss_now()
+        started = time.perf_counter()
+        records = len(mix_examples(spec, data.parent, seed=0, cache_dir=cache).train)
+    elif loader == "old" and stage == "load":
+        baseline = __import__(BASELINE_PACKAGE)
+        rss_start = _rss_now()
+        started = time.perf_counter()
+        records = len(baseline.load_examples(spec, data.parent, seed=0)[0])
+    elif loader == "new":
         from lmforge.trainer.data import NAMED_TEMPLATES, prepare_data
 
         rss_start = _rss_now()
@@ -133,11 +150,11 @@ def _rss_now() -> int:
 # ---------------------------------------------------------------- the run
 
 
-def measure(loader: str, data: Path, tokenizer_dir: Path, work: Path) -> dict[str, Any]:
+def measure(loader: str, stage: str, data: Path, tokenizer_dir: Path, work: Path) -> dict[str, Any]:
     cache = Path(tempfile.mkdtemp(prefix=f"cache-{loader}-", dir=work))
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(work), str(ROOT)])}
     env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "benchmarks.data_loading", "--worker", loader]
+    command = [sys.executable, "-m", "benchmarks.data_loading", "--worker", loader, stage]
     command += ["--data", str(data), "--tokenizer", str(tokenizer_dir), "--cache", str(cache)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -189,13 +206,21 @@ def main(argv: list[str] | None = None) -> int:
         help="largest size to run the list-based baseline on (it holds everything in memory)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--worker", choices=["new", "old"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--load-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="record counts to measure the load stage only at (read, validate, mix; no tokens)",
+    )
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.data, args.tokenizer, args.cache)))
+        loader, stage = args.worker
+        print(json.dumps(worker(loader, stage, args.data, args.tokenizer, args.cache)))
         return 0
 
     from lmforge.trainer.tiny import build_tokenizer, bundled_texts
@@ -205,21 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         work = extract_baseline(Path(tmp))
         tokenizer_dir = work / "tokenizer"
         build_tokenizer(bundled_texts()).save_pretrained(tokenizer_dir)
-        for size in args.sizes:  # in the order given: the most telling sizes first
+        runs = [("prepare", size) for size in args.sizes]
+        runs += [("load", size) for size in args.load_sizes]
+        for stage, size in runs:  # in the order given: the most telling first
             data = work / f"alpaca-{size}.jsonl"
             write_dataset(data, size)
             loaders = ["new", "old"] if size <= args.baseline_max else ["new"]
             for loader in loaders:
-                result = {
-                    "loader": loader,
-                    "size": size,
-                    **measure(loader, data, tokenizer_dir, work),
-                }
+                measured = measure(loader, stage, data, tokenizer_dir, work)
+                result = {"loader": loader, "stage": stage, "size": size, **measured}
                 result["records_per_second"] = round(size / result["seconds"], 1)
                 rows.append(result)
                 write_report(args, rows)  # after every measurement: a long run keeps its figures
                 print(
-                    f"{loader:>4} {size:>9,} records: {result['seconds']:>8.1f} s, "
+                    f"{loader:>4} {stage:>7} {size:>9,} records: {result['seconds']:>8.1f} s, "
                     f"{result['records_per_second']:>8,.0f} records/s, peak RSS "
                     f"{mib(result['peak_rss_bytes'])} MiB (workers "
                     f"{mib(result['peak_child_rss_bytes'])} MiB)",
@@ -256,37 +280,40 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[s
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Peak RSS at the largest size over the smallest, per loader; new vs old per size."""
+    """Per stage: peak RSS at the largest size over the smallest per loader; new vs old."""
     out: dict[str, Any] = {}
-    for loader in ("new", "old"):
-        mine = sorted((r for r in rows if r["loader"] == loader), key=lambda r: r["size"])
-        if len(mine) >= 2:
-            first, last = mine[0], mine[-1]
-            out[f"{loader}_peak_rss_{last['size']}_over_{first['size']}"] = round(
-                last["peak_rss_bytes"] / first["peak_rss_bytes"], 3
-            )
-    for size in sorted({r["size"] for r in rows}):
-        pair = {r["loader"]: r for r in rows if r["size"] == size}
-        if len(pair) == 2:
-            out[f"peak_rss_new_over_old_{size}"] = round(
-                pair["new"]["peak_rss_bytes"] / pair["old"]["peak_rss_bytes"], 3
-            )
-            out[f"speed_new_over_old_{size}"] = round(
-                pair["new"]["records_per_second"] / pair["old"]["records_per_second"], 3
-            )
+    for stage in ("prepare", "load"):
+        staged = [r for r in rows if r["stage"] == stage]
+        for loader in ("new", "old"):
+            mine = sorted((r for r in staged if r["loader"] == loader), key=lambda r: r["size"])
+            if len(mine) >= 2:
+                first, last = mine[0], mine[-1]
+                name = f"{stage}_{loader}_peak_rss_{last['size']}_over_{first['size']}"
+                out[name] = round(last["peak_rss_bytes"] / first["peak_rss_bytes"], 3)
+        for size in sorted({r["size"] for r in staged}):
+            pair = {r["loader"]: r for r in staged if r["size"] == size}
+            if len(pair) == 2:
+                new, old = pair["new"], pair["old"]
+                out[f"{stage}_peak_rss_new_over_old_{size}"] = round(
+                    new["peak_rss_bytes"] / old["peak_rss_bytes"], 3
+                )
+                out[f"{stage}_speed_new_over_old_{size}"] = round(
+                    new["records_per_second"] / old["records_per_second"], 3
+                )
     return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| loader | records | seconds | records/s | RSS before data (MiB) | peak RSS (MiB) "
+        "| loader | stage | records | seconds | records/s | RSS before data (MiB) | peak RSS (MiB) "
         "| peak worker RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = "prepare_data (Arrow)" if r["loader"] == "new" else "list-based (baseline)"
         lines.append(
-            f"| {name} | {r['size']:,} | {r['seconds']:,.1f} | {r['records_per_second']:,.0f} | "
+            f"| {name} | {r['stage']} | {r['size']:,} | {r['seconds']:,.1f} | "
+            f"{r['records_per_second']:,.0f} | "
             f"{mib(r['rss_before_bytes'])} | {mib(r['peak_rss_bytes'])} | "
             f"{mib(r['peak_child_rss_bytes'])} |"
         )

@@ -102,6 +102,64 @@ def prepare_data(
     Raises DataError with every problem of every source, or, when no record is left to train
     on, with the summary of what happened to them (the pre-flight verdict).
     """
+    mixed = mix_examples(spec, base_dir, seed, cache_dir)
+    tokenize = _Tokenize(
+        tokenizer,
+        chat_template=chat_template,
+        max_seq_length=None if continued_pretraining else spec.max_seq_length,
+        train_on_prompt=spec.train_on_prompt or continued_pretraining,
+    )
+    train, train_stats = _tokenized(
+        mixed.train,
+        tokenize,
+        spec,
+        continued_pretraining,
+        cache_dir,
+        "train",
+        num_proc,
+    )
+    eval_data, eval_stats = None, None
+    eval_examples: Sequence[Example] = []
+    if mixed.eval is not None:
+        eval_data, eval_stats = _tokenized(
+            mixed.eval, tokenize, spec, continued_pretraining, cache_dir, "eval", num_proc
+        )
+        eval_examples = ExampleColumn(mixed.eval)
+
+    stats: dict[str, Any] = {
+        "train": train_stats,
+        "eval": eval_stats,
+        "sources": [dataclasses.asdict(count) for count in mixed.sources],
+        "max_seq_length": spec.max_seq_length,
+    }
+    summary = summary_line(train_stats, spec.max_seq_length)
+    if eval_stats:
+        summary += f"; {eval_stats['records']:,} eval records"
+    found = warnings(train_stats, spec.max_seq_length)
+    if eval_stats:
+        found += warnings(eval_stats, spec.max_seq_length, "evaluation")
+    stats["summary"], stats["warnings"] = summary, found
+    if len(train) == 0:
+        verdict = f"no record is left to train on ({summary})"
+        message = f"{verdict}: {'; '.join(found)}" if found else verdict
+        raise DataError([DataProblem("dataset", "", "", message)])
+    return PreparedData(train, eval_data, eval_examples, stats, summary, found)
+
+
+@dataclass
+class MixedExamples:
+    """Validated examples on disk, chosen and ordered for training and evaluation."""
+
+    train: Any  # datasets.Dataset of {"example": JSON}, weighted and shuffled (an index map)
+    eval: Any | None
+    sources: list[SourceCount]
+
+
+def mix_examples(spec: DatasetSpec, base_dir: Path, seed: int, cache_dir: Path) -> MixedExamples:
+    """Stream every source into Arrow files, then hold out, weight and shuffle by index.
+
+    Raises DataError with every problem of every source.
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -139,52 +197,12 @@ def prepare_data(
         count.in_training = int(((train_order >= start) & (train_order < start + sizes[i])).sum())
     np.random.default_rng([seed, 2]).shuffle(eval_order)
 
-    all_train = datasets.concatenate_datasets(train_sets)
     if len(train_order) == 0:
         where = ", ".join(source.uri for source in spec.sources)
         raise DataError([DataProblem(where, "", "weight", "no training examples are left")])
-    tokenize = _Tokenize(
-        tokenizer,
-        chat_template=chat_template,
-        max_seq_length=None if continued_pretraining else spec.max_seq_length,
-        train_on_prompt=spec.train_on_prompt or continued_pretraining,
-    )
-    train, train_stats = _tokenized(
-        all_train.select(train_order),
-        tokenize,
-        spec,
-        continued_pretraining,
-        cache_dir,
-        "train",
-        num_proc,
-    )
-    eval_data, eval_stats = None, None
-    eval_examples: Sequence[Example] = []
-    if eval_table is not None and len(eval_order):
-        eval_selected = eval_table.select(eval_order)
-        eval_data, eval_stats = _tokenized(
-            eval_selected, tokenize, spec, continued_pretraining, cache_dir, "eval", num_proc
-        )
-        eval_examples = ExampleColumn(eval_selected)
-
-    stats: dict[str, Any] = {
-        "train": train_stats,
-        "eval": eval_stats,
-        "sources": [dataclasses.asdict(count) for count in counts],
-        "max_seq_length": spec.max_seq_length,
-    }
-    summary = summary_line(train_stats, spec.max_seq_length)
-    if eval_stats:
-        summary += f"; {eval_stats['records']:,} eval records"
-    found = warnings(train_stats, spec.max_seq_length)
-    if eval_stats:
-        found += warnings(eval_stats, spec.max_seq_length, "evaluation")
-    stats["summary"], stats["warnings"] = summary, found
-    if len(train) == 0:
-        verdict = f"no record is left to train on ({summary})"
-        message = f"{verdict}: {'; '.join(found)}" if found else verdict
-        raise DataError([DataProblem("dataset", "", "", message)])
-    return PreparedData(train, eval_data, eval_examples, stats, summary, found)
+    train = datasets.concatenate_datasets(train_sets).select(train_order)
+    held_out = eval_table.select(eval_order) if eval_table is not None and len(eval_order) else None
+    return MixedExamples(train, held_out, counts)
 
 
 # ---------------------------------------------------------------- indices
