@@ -6,8 +6,13 @@ replaced (`load_examples` + `tokenize_examples` at BASELINE_COMMIT, read from gi
 (loader, size) runs in its own process so that its peak RSS (`ru_maxrss`) is its own; worker
 processes of `datasets.map` are measured too (RUSAGE_CHILDREN).
 
-    python -m benchmarks.data_loading                 # 200k, 1M, 2M records
-    python -m benchmarks.data_loading --sizes 20000 100000 --baseline-max 100000
+    python -m benchmarks.data_loading                 # the whole data step at 200k, 1M, 2M
+    python -m benchmarks.data_loading --sizes 20000 100000 --load-sizes 200000 2000000
+    python benchmarks/data_loading.py --baseline-max 200000   # old loader only up to 200k
+
+Two stages: "prepare" is the whole data step (read, validate, mix, tokenize: what the trainer
+runs); "load" stops before tokenization, so that large sizes are affordable on a small, shared
+machine (tokenizing is the slow part: ~1 ms per conversation for rendering the chat template).
 
 Prints a table and writes benchmarks/results/data_loading.json. Not a test: the figures depend
 on the machine; compare the ratios within one run.
