@@ -46,8 +46,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Speed and memory benchmarks: every benchmarks/*.py script, each printing a table and writing
+# benchmarks/results/<name>.json (figures compare against a baseline measured in the same run).
 bench: install
-	$(PY) -m pytest benchmarks
+	set -e; for script in benchmarks/[!_]*.py; do \
+		$(PY) -m benchmarks.$$(basename $$script .py); \
+	done
 
 # Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit); needs CUDA.
 bench-gpu: install

@@ -88,6 +88,38 @@ def _string(
     return value
 
 
+def _content(
+    check: RecordCheck, item: dict[str, Any], key: str, non_empty: bool, field: str
+) -> str | None:
+    """A message's content: a string, or OpenAI content parts [{"type": "text", "text"}].
+
+    Text parts are joined with newlines; other part types (images, audio, files) cannot be
+    trained on by a text model and are reported with their type.
+    """
+    parts = item.get(key)
+    if not isinstance(parts, list):
+        return _string(check, item, key, non_empty=non_empty, field=field)
+    texts: list[str] = []
+    for i, part in enumerate(parts):
+        where = f"{field}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or "type" not in part:
+            check.problem(where, 'must be a content part {"type": "text", "text": ...}')
+        elif kind != "text":
+            check.problem(f"{where}.type", f"{kind!r} parts are not supported; only text parts are")
+        else:
+            text = _string(check, part, "text", non_empty=False, field=f"{where}.text")
+            if text is not None:
+                texts.append(text)
+    if len(texts) != len(parts):
+        return None
+    content = "\n".join(texts)
+    if non_empty and not content.strip():
+        check.problem(field, "must not be empty")
+        return None
+    return content
+
+
 def _messages(
     check: RecordCheck,
     value: Any,
@@ -122,9 +154,7 @@ def _messages(
         elif role == "system" and i > 0:
             check.problem(f"{where}.{role_key}", "a system message may only come first")
             role = None
-        content = _string(
-            check, item, content_key, non_empty=role != "tool", field=f"{where}.{content_key}"
-        )
+        content = _content(check, item, content_key, role != "tool", f"{where}.{content_key}")
         if role is None or content is None:
             ok = False
             continue
