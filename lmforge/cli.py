@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     # `lmforge operator ...` is dispatched before parsing (its flags are its own).
     sub.add_parser("operator", help="run the operator (see `lmforge operator --help`)")
+    sub.add_parser("serve", help="serve an InferenceService YAML here (see `lmforge serve --help`)")
     demo = sub.add_parser("demo", help="run the newcomer's demo")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from lmforge.operator.main import main as operator_main
 
         return operator_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from lmforge.serve.run import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
