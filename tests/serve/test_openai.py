@@ -183,3 +183,32 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
         name, _, labels = head.partition("{")
         out[(name, labels.rstrip("}"))] = float(value)
     return out
+
+
+def test_operator_derives_adapters_loaded_from_what_the_replica_reports(server: Server) -> None:
+    """The contract between `lmforge serve` and the operator: the report a replica writes
+    (here its state file; in a pod the same JSON goes into the report ConfigMap) is what
+    the operator's status derivation reads."""
+    from lmforge.operator.serving.lifecycle import AdapterRef, ServingObserved, decide_status
+
+    server.wait_ready(60)
+    report = (server.root / "lmforge-runs/inferenceservice/tiny/state.json").read_text()
+    status = decide_status(
+        ServingObserved(
+            generation=1,
+            status={},
+            url=server.api,
+            model_uri="file://tiny-llama",
+            model_waiting_for="",
+            model_job_failed=False,
+            adapters=[AdapterRef("spell", f"file://{server.adapter_dir}", "FinetuneJob spell")],
+            deployment={"status": {"replicas": 1, "readyReplicas": 1}},
+            desired_replicas=1,
+            reports={"replica-0": report},
+            live_pods={"replica-0"},
+            now="2026-01-01T00:00:00Z",
+        )
+    )
+    (adapter,) = status["adapters"]
+    assert adapter["state"] == "Loaded" and adapter["loadedReplicas"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]}["AdaptersLoaded"] == "True"

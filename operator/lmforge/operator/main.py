@@ -104,8 +104,9 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
     selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
     kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)(on_child_event)
     kopf.on.event("", "v1", "pods", labels=selector, registry=registry)(on_child_event)
-    # Serving: Deployment readiness and the replicas' adapter reports.
+    # Serving: Deployment readiness.
     kopf.on.event("apps", "v1", "deployments", labels=selector, registry=registry)(on_child_event)
+    # the report ConfigMaps: progress and checkpoints of trainers, adapter state of replicas
     kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)(on_child_event)
     return registry
 
