@@ -122,4 +122,6 @@ def register() -> None:
             if hasattr(module, attr):
                 setattr(module, attr, fixed)
         setattr(module, _PATCHED, True)
-    log.info("lmforge: LoRA kernels mask rows without an adapter")
+    from vllm.logger import init_logger
+
+    init_logger(__name__).info("lmforge: LoRA kernels leave rows without an adapter alone")

@@ -419,3 +419,17 @@ def test_status_model_waiting_for_its_job_and_failed_adapters() -> None:
     failed = AdapterRef("a", "", "FinetuneJob ft", job_failed=True)
     status = decide_status(observed(adapters=[failed]))
     assert status["phase"] == "Degraded" and status["adapters"][0]["state"] == "Failed"
+
+
+def test_lmforge_serve_does_not_import_torch() -> None:
+    """The supervisor runs in the main venv (or beside the engine in the image): no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lmforge.cli, lmforge.serve.run, lmforge.serve.middleware, "
+        "lmforge.serve.vllm_plugin, lmforge.serve.supervisor; "
+        "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
