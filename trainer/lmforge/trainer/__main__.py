@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lmforge.trainer.console import setup_logging
 from lmforge.trainer.progress import TERMINATION_LOG
 
 from lmforge.api.runconfig import (
@@ -20,36 +21,6 @@ from lmforge.api.runconfig import (
     EXIT_OUT_OF_MEMORY,
     RunConfig,
 )
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: what log collectors in a cluster expect."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "rank": int(os.environ.get("RANK", "0")),
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if "KUBERNETES_SERVICE_HOST" in os.environ or not sys.stderr.isatty():
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
 
 FAILURE_FILE_ENV = "LMFORGE_FAILURE_FILE"
 

@@ -47,6 +47,21 @@ def save_final(
     return final
 
 
+def save_start_model(model: Any, tokenizer: Any, out: Path) -> Path:
+    """`base/`: the model a run started from, when that was an adapter merged into its base in
+    memory (an AlignmentJob after a LoRA FinetuneJob): the new adapter in final/ applies to it.
+    Written before training wraps `model`; a resumed run keeps the existing copy."""
+    base = out / "base"
+    if (base / "config.json").is_file():
+        return base
+    staged = out / ".base.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    _replace_dir(staged, base)
+    return base
+
+
 def save_merged(base_path: str, adapter_dir: Path, tokenizer: Any, out: Path) -> Path:
     """`merged/`: the adapter folded into a freshly loaded full-precision base."""
     import torch

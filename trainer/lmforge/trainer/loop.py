@@ -14,10 +14,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lmforge.trainer import checkpoints, sharding
+from lmforge.trainer.console import Console
 from lmforge.trainer.launch import strategy_problem
 from lmforge.trainer.model import MethodError, Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as TransformersProgressCallback
 
 from lmforge.api.runconfig import RunConfig
 
@@ -56,6 +59,13 @@ class AtomicCheckpoints:
     on_checkpoint: Any = None  # called with (step, path) on rank 0 once a checkpoint is complete
     args: Any
     state: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Our ProgressCallback shows progress (console.py); transformers' printers would repeat
+        # every log step as a dict.
+        for printer in (PrinterCallback, TransformersProgressCallback):
+            self.remove_callback(printer)  # type: ignore[attr-defined]
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
@@ -97,8 +107,9 @@ def with_atomic_checkpoints(trainer_class: type[Any]) -> type[Any]:
 class ProgressCallback(TrainerCallback):
     """Feeds the Trainer's logs into the progress channel (rank 0 only)."""
 
-    def __init__(self, reporter: ProgressReporter | None) -> None:
+    def __init__(self, reporter: ProgressReporter | None, console: Console | None = None) -> None:
         self.reporter = reporter
+        self.console = console or Console()
         self.first_step: int | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -110,7 +121,7 @@ class ProgressCallback(TrainerCallback):
         if self.reporter is None or not state.is_world_process_zero:
             return
         logs = logs or {}
-        self.reporter.update(
+        progress = self.reporter.update(
             step=state.global_step,
             total_steps=state.max_steps,
             epoch=state.epoch,
@@ -120,6 +131,10 @@ class ProgressCallback(TrainerCallback):
             tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0) or None,
             steps_this_session=state.global_step - (self.first_step or 0),
         )
+        self.console.show(progress)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.console.end_line()
 
 
 class TimedCheckpointCallback(TrainerCallback):
