@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,10 +82,24 @@ def load_model(
             config.max_position_embeddings * training.rope_scaling.factor
         )
         kwargs["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = load_pretrained(AutoModelForCausalLM, path, **kwargs)
     if training.gradient_checkpointing:
         model.config.use_cache = False
     return model
+
+
+def load_pretrained(auto_class: Any, path: str, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained(path)`, also when `path` is an adapter directory (the final/
+    of a LoRA job): the adapter is then merged into its base, so the next job starts from
+    plain weights (and can put its own adapter, or a reward head, on top)."""
+    if not (Path(path) / "adapter_config.json").is_file() or "quantization_config" in kwargs:
+        return auto_class.from_pretrained(path, **kwargs)
+    from peft import PeftConfig, PeftModel
+
+    adapter = PeftConfig.from_pretrained(path)
+    base = auto_class.from_pretrained(adapter.base_model_name_or_path, **kwargs)
+    adapter.task_type = None  # merge only: works under any head (e.g. a reward model's)
+    return PeftModel.from_pretrained(base, path, config=adapter).merge_and_unload()
 
 
 def _bitsandbytes_config(method: TuningMethod) -> Any:
@@ -143,10 +158,28 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> list[str] | st
 # ---------------------------------------------------------------- PEFT
 
 
-def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int) -> nn.Module:
+def apply_method(
+    model: PreTrainedModel, method: TuningMethod, total_steps: int, task_type: str = "CAUSAL_LM"
+) -> nn.Module:
     """Wrap the model for the tuning method; full and lisa train the model itself."""
-    if method.type in ("full", "lisa"):
+    config = peft_config(model, method, total_steps, task_type)
+    if config is None:
         return model
+    import peft
+
+    if method.type == "qlora":
+        model = peft.prepare_model_for_kbit_training(model)
+    return peft.get_peft_model(model, config)
+
+
+def peft_config(
+    model: PreTrainedModel, method: TuningMethod, total_steps: int, task_type: str = "CAUSAL_LM"
+) -> Any:
+    """The PEFT config of the tuning method (None for full and lisa). `task_type` SEQ_CLS
+    (reward models) also trains the new score head; TRL trainers take the config as
+    `peft_config` and keep the base model as their reference."""
+    if method.type in ("full", "lisa"):
+        return None
     import peft
 
     lora = method.lora
@@ -160,7 +193,7 @@ def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int)
             lora_dropout=lora.dropout,
             target_modules=targets,
             use_dora=method.type == "dora",
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "adalora":
         config = peft.AdaLoraConfig(
@@ -172,7 +205,7 @@ def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int)
             total_step=max(total_steps, 2),
             tinit=0,
             tfinal=0,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "ia3":
         ia3_targets = None if targets == "all-linear" else targets
@@ -182,23 +215,21 @@ def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int)
         config = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=ffn,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "prefix-tuning":
         config = peft.PrefixTuningConfig(
             num_virtual_tokens=method.virtual_tokens.num_virtual_tokens,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "prompt-tuning":
         config = peft.PromptTuningConfig(
             num_virtual_tokens=method.virtual_tokens.num_virtual_tokens,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     else:  # pragma: no cover - the API enum is exhaustive
         raise MethodError(f"method.type {method.type} is not supported")
-    if method.type == "qlora":
-        model = peft.prepare_model_for_kbit_training(model)
-    return peft.get_peft_model(model, config)
+    return config
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

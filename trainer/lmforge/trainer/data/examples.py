@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Problems listed in full in an error message; the rest are counted.
@@ -19,7 +19,8 @@ class Example:
       assistant turns that follow it.
     - kto: `messages` is the prompt, `chosen` the completion and `label` whether it is
       desirable.
-    - prompt: `messages` is the prompt only (the answer is generated).
+    - prompt: `messages` is the prompt only (the answer is generated); `columns` keeps the
+      record's other scalar fields (a reference `answer`, ...) for the reward functions.
     """
 
     text: str | None = None
@@ -29,6 +30,7 @@ class Example:
     rejected: tuple[dict[str, str], ...] = ()
     label: bool | None = None
     origin: str = ""
+    columns: dict[str, str | int | float | bool | None] = field(default_factory=dict)
 
     @property
     def reference(self) -> str | None:

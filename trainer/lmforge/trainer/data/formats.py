@@ -464,7 +464,21 @@ def parse_prompt(record: dict[str, Any], check: RecordCheck) -> Example | None:
     if messages is None:
         return None
     messages = _with_system(check, record, messages)
-    return Example(messages=tuple(messages), tools=_tools(check, record.get("tools"), "tools"))
+    return Example(
+        messages=tuple(messages),
+        tools=_tools(check, record.get("tools"), "tools"),
+        columns=_extra_columns(record),
+    )
+
+
+def _extra_columns(record: dict[str, Any]) -> dict[str, str | int | float | bool | None]:
+    """A prompt record's other scalar fields (reference answers for verifiable rewards)."""
+    return {
+        key: value
+        for key, value in record.items()
+        if key not in ("prompt", "messages", "system", "tools")
+        and (value is None or isinstance(value, str | int | float | bool))
+    }
 
 
 PARSERS: dict[str, Callable[[dict[str, Any], RecordCheck], Example | None]] = {
