@@ -93,3 +93,21 @@ class Kube:
     def get(self, *args: str) -> dict[str, Any]:
         out = self.run("get", *args, "-o", "json", check=True).stdout
         return dict(json.loads(out))
+
+    def as_service_account(self, namespace: str, account: str, folder: Path) -> Kube:
+        """kubectl authenticated only by a token of that ServiceAccount (no admin certs)."""
+        token = self.run("create", "token", account, "-n", namespace, check=True).stdout.strip()
+        view = json.loads(self.run("config", "view", "--raw", "-o", "json", check=True).stdout)
+        cluster = view["clusters"][0]["cluster"]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": account}}],
+            "current-context": "c",
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{namespace}-{account}.kubeconfig"
+        path.write_text(json.dumps(config))
+        return Kube(self.kubectl_bin, path)

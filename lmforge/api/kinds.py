@@ -452,7 +452,8 @@ class AlignmentMethod(ApiModel):
 
     rules = (
         Rule(
-            cel=f"self.type in {list(ONLINE_METHODS)} ? size(self.rewards) > 0 : true",
+            cel=f"self.type in {list(ONLINE_METHODS)} ? "
+            "(has(self.rewards) && size(self.rewards) > 0) : true",
             message="raft, ppo, grpo and rloo need at least one entry in rewards",
             field="rewards",
             check=lambda m: m.type not in ONLINE_METHODS or len(m.rewards) > 0,

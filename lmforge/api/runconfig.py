@@ -203,9 +203,11 @@ def resolve_run_config(
 # <REWARD_FUNCTIONS_DIR>/<configMap name>/ is put on sys.path.
 REWARD_FUNCTIONS_DIR = "/etc/lmforge/functions"
 
-# How a training pod reports to the operator: annotations on its own pod (JSON).
-PROGRESS_ANNOTATION = "lmforge.io/progress"  # a kinds.Progress
-CHECKPOINT_ANNOTATION = "lmforge.io/last-checkpoint"  # {"step", "path", "time"}
+# How a training pod reports to the operator: keys of one ConfigMap per job, named by the
+# env var below, which the job's pods may patch and nothing else (RBAC resourceNames).
+REPORT_CONFIGMAP_ENV = "LMFORGE_REPORT_CONFIGMAP"
+REPORT_PROGRESS = "progress"  # a kinds.Progress as JSON
+REPORT_CHECKPOINT = "last-checkpoint"  # {"step", "path", "time"} as JSON
 
 # Exit codes of `python -m lmforge.trainer run`: the operator classifies failures by them
 # (together with the container's termination message, a JSON object with `reason`).

@@ -133,7 +133,7 @@ def test_examples_run_to_success(
 
     got = children(crds, namespace, name)
     assert got == {
-        "configmap": [f"{name}-run-config"],
+        "configmap": sorted([f"{name}-report", f"{name}-run-config"]),
         "persistentvolumeclaim": claims,
         "service": [name],
         "serviceaccount": [f"{name}-trainer"],
@@ -394,11 +394,10 @@ def test_pods_admitted_under_restricted_pod_security(
 
 
 def test_progress_reaches_status_and_columns(
-    crds: Kube, operator: OperatorProcess, namespace: str
+    crds: Kube, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:
     crds.apply(job("watched", {"lmforge.io/kwok-hold": "true"}), "-n", namespace)
     _running(crds, namespace, "watched")
-    (pod,) = pods(crds, namespace, "watched")
     report = {
         "step": 30,
         "totalSteps": 120,
@@ -409,29 +408,15 @@ def test_progress_reaches_status_and_columns(
         "learningRate": 0.0002,
         "updatedAt": "2026-01-01T00:00:00Z",
     }
-    crds.run(
-        "annotate",
-        "pod",
-        "-n",
-        namespace,
-        pod["metadata"]["name"],
-        f"lmforge.io/progress={json.dumps(report)}",
-        check=True,
-    )
     checkpoint = {
         "step": 20,
         "path": "/mnt/output/finetunejob/watched/checkpoints/checkpoint-20",
         "time": "2026-01-01T00:00:00Z",
     }
-    crds.run(
-        "annotate",
-        "pod",
-        "-n",
-        namespace,
-        pod["metadata"]["name"],
-        f"lmforge.io/last-checkpoint={json.dumps(checkpoint)}",
-        check=True,
-    )
+    # Written the way the trainer writes them: with the job's own ServiceAccount token.
+    trainer = crds.as_service_account(namespace, "watched-trainer", tmp_path)
+    data = {"progress": json.dumps(report), "last-checkpoint": json.dumps(checkpoint)}
+    trainer.patch("configmap", "watched-report", namespace, {"data": data})
     progress = wait_for(
         lambda: status_of(crds, namespace, "watched").get("progress"), "progress in status"
     )
@@ -514,3 +499,188 @@ def test_example_yaml_unchanged_by_operator(
     assert not [k for k in annotations if "kopf" in k]
     assert live["spec"]["method"]["lora"] == {**obj["spec"]["method"]["lora"], "dropout": 0.05}
     assert live["status"]["observedGeneration"] == live["metadata"]["generation"]
+
+
+def _alignment(name: str, method: dict[str, Any], data_format: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "AlignmentJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"fromJob": {"name": "sft"}},
+            "dataset": {"sources": [{"uri": "hf://org/prefs", "format": data_format}]},
+            "method": method,
+            "distributed": {"gpusPerNode": 1},
+            **spec,
+        },
+    }
+
+
+def test_alignment_chain_waits_for_every_model_it_references(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """SFT -> reward model -> GRPO: each AlignmentJob waits for the jobs whose outputs it
+    uses (base model and reward model), then runs with them mounted where its run config
+    says."""
+    reward_ref = {"fromJob": {"kind": "AlignmentJob", "name": "rm"}}
+    crds.apply(
+        [
+            job("sft", {"lmforge.io/kwok-hold": "true"}),
+            _alignment("rm", {"type": "reward-model"}, "preference"),
+            _alignment(
+                "grpo",
+                {"type": "grpo", "rewards": [{"model": reward_ref}]},
+                "prompt",
+                generation={"samplesPerPrompt": 4},
+            ),
+        ],
+        "-n",
+        namespace,
+    )
+
+    def waiting(name: str) -> dict[str, Any] | None:
+        found = condition(status_of(crds, namespace, name, "alignmentjob"), "Reconciling")
+        return found if found and found["reason"] == "WaitingForModel" else None
+
+    message = wait_for(lambda: waiting("grpo"), "grpo waiting")["message"]
+    assert "FinetuneJob sft (spec.model)" in message
+    assert "AlignmentJob rm (spec.method.rewards[0].model)" in message
+    assert "FinetuneJob sft" in wait_for(lambda: waiting("rm"), "rm waiting")["message"]
+    assert children(crds, namespace, "grpo")["job"] == children(crds, namespace, "rm")["job"] == []
+
+    _running(crds, namespace, "sft")
+    (pod,) = pods(crds, namespace, "sft")
+    crds.run("label", "pod", "-n", namespace, pod["metadata"]["name"], "lmforge.io/kwok-hold-")
+    for name in ("rm", "grpo"):  # rm runs once sft is done, grpo once rm is done
+        crds.run(
+            "wait",
+            "-n",
+            namespace,
+            "--for=condition=Succeeded",
+            f"alignmentjob/{name}",
+            "--timeout=90s",
+            check=True,
+        )
+    rm_status = status_of(crds, namespace, "rm", "alignmentjob")
+    assert rm_status["output"]["kind"] == "reward-model"
+    run = RunConfig.model_validate(
+        json.loads(crds.get("configmap", "grpo-run-config", "-n", namespace)["data"]["run.json"])
+    )
+    assert run.kind == "AlignmentJob" and run.spec.method.beta == 0.04  # type: ignore[union-attr]
+    assert run.paths.model == "/mnt/pvc/sft-output/finetunejob/sft/final"
+    assert run.model_path("method.rewards[0].model") == "/mnt/pvc/rm-output/alignmentjob/rm/final"
+    volumes = crds.get("job", "grpo-0", "-n", namespace)["spec"]["template"]["spec"]["volumes"]
+    claims = [v["persistentVolumeClaim"] for v in volumes if "persistentVolumeClaim" in v]
+    assert {"claimName": "rm-output", "readOnly": True} in claims
+    assert {"claimName": "sft-output", "readOnly": True} in claims
+
+
+def test_trainer_token_may_write_its_report_and_nothing_else(
+    crds: Kube, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Code in a training pod (trustRemoteCode models too) holds the job's ServiceAccount
+    token: it may patch the job's report ConfigMap and must not touch other pods or
+    objects."""
+    crds.apply(
+        [
+            job("mine", {"lmforge.io/kwok-hold": "true"}),
+            job("other", {"lmforge.io/kwok-hold": "true"}),
+        ],
+        "-n",
+        namespace,
+    )
+    for name in ("mine", "other"):
+        _running(crds, namespace, name)
+    trainer = crds.as_service_account(namespace, "mine-trainer", tmp_path)
+    allowed = trainer.patch(
+        "configmap", "mine-report", namespace, {"data": {"x": "1"}}, check=False
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    (own_pod,) = pods(crds, namespace, "mine")
+    (other_pod,) = pods(crds, namespace, "other")
+    patch = {"metadata": {"labels": {"hijacked": "yes"}}}
+    for target in (
+        ("pod", other_pod["metadata"]["name"]),
+        ("pod", own_pod["metadata"]["name"]),
+        ("configmap", "other-report"),
+        ("configmap", "mine-run-config"),
+    ):
+        refused = trainer.patch(*target, namespace, patch, check=False)
+        assert refused.returncode != 0 and "forbidden" in refused.stderr.lower(), target
+    assert "forbidden" in trainer.run("get", "secrets", "-n", namespace).stderr.lower()
+    assert "hijacked" not in (
+        crds.get("pod", other_pod["metadata"]["name"], "-n", namespace)["metadata"].get("labels")
+        or {}
+    )
+
+
+def test_stuck_jobs_say_why_within_seconds(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """A missing input volume, GPUs no node has, a missing Secret: each shows up as a
+    condition naming the cause, instead of pods pending in silence."""
+    crds.apply(
+        [
+            job("no-volume", dataset={"sources": [{"uri": "pvc://data/train.jsonl"}]}),
+            job("too-big", distributed={"gpusPerNode": 16}),
+            job(
+                "no-secret",
+                {"lmforge.io/kwok-stuck": "missing-secret"},
+                model={"source": "hf://org/base-model", "secretRef": {"name": "hf-token"}},
+            ),
+        ],
+        "-n",
+        namespace,
+    )
+    expected = {
+        "no-volume": ("MissingVolume", 'PersistentVolumeClaim "data" not found'),
+        "too-big": ("Unschedulable", "Insufficient nvidia.com/gpu"),
+        "no-secret": ("MissingSecret", 'secret "hf-token" not found'),
+    }
+    started = time.monotonic()
+    for name, (reason, says) in expected.items():
+        stalled = wait_for(
+            lambda n=name, r=reason: (
+                (c := condition(status_of(crds, namespace, n), "Stalled"))
+                and c["status"] == "True"
+                and c["reason"] == r
+                and c
+            ),
+            f"{name}: Stalled with reason {reason}",
+            timeout=max(1.0, 10 - (time.monotonic() - started)),
+        )
+        assert says in stalled["message"], stalled
+    assert children(crds, namespace, "no-volume")["job"] == []  # nothing left pending
+    # Creating the claim lets the job go on.
+    _claims(crds, namespace, "data")
+    wait_for(lambda: children(crds, namespace, "no-volume")["job"], "no-volume's Job")
+
+
+ALIGNMENT_CHAINS = {
+    # the examples an AlignmentJob example builds on, applied together
+    "dpo": ["finetunejob-lora.yaml", "alignmentjob-dpo.yaml"],
+    "grpo": ["alignmentjob-reward-model.yaml", "alignmentjob-grpo.yaml"],
+}
+
+
+@pytest.mark.parametrize("chain", sorted(ALIGNMENT_CHAINS))
+def test_alignment_examples_run_to_success(
+    crds: Kube, operator: OperatorProcess, prerequisites: None, namespace: str, chain: str
+) -> None:
+    _claims(crds, namespace, "datasets", "models", "research-outputs")
+    files = ALIGNMENT_CHAINS[chain]
+    for example in files:
+        crds.run("apply", "-n", namespace, "-f", str(ROOT / "examples" / example), check=True)
+    for example in files:
+        obj = yaml.safe_load((ROOT / "examples" / example).read_text())
+        kind, name = obj["kind"].lower(), obj["metadata"]["name"]
+        crds.run(
+            "wait",
+            "-n",
+            namespace,
+            "--for=condition=Succeeded",
+            f"{kind}/{name}",
+            "--timeout=120s",
+            check=True,
+        )
+        assert status_of(crds, namespace, name, kind)["output"]["uri"].endswith("/final")

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from lmforge.operator.training.lifecycle import (
-    PROGRESS_ANNOTATION,
     Action,
     Decision,
     Failure,
@@ -23,7 +22,13 @@ from lmforge.operator.training.lifecycle import (
 )
 
 from lmforge.api.kinds import TrainingJobStatus
-from lmforge.api.runconfig import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OUT_OF_MEMORY
+from lmforge.api.runconfig import (
+    EXIT_BAD_CONFIG,
+    EXIT_BAD_DATA,
+    EXIT_OUT_OF_MEMORY,
+    REPORT_CHECKPOINT,
+    REPORT_PROGRESS,
+)
 
 Obj = dict[str, Any]
 
@@ -306,16 +311,90 @@ def test_a_workload_waiting_for_kueue_is_pending_queued() -> None:
 
 def test_running_pods_report_progress_into_status() -> None:
     progress = {"step": 120, "totalSteps": 2000, "percent": 6, "loss": 1.73, "etaSeconds": 3600}
-    pods = [
-        pod(0, phase="Running", annotations={PROGRESS_ANNOTATION: json.dumps(progress)}),
-        pod(1, phase="Running"),
-    ]
-    decision = decide(observed(status={"phase": "Initializing"}, workload=workload(), pods=pods))
+    pods = [pod(0, phase="Running"), pod(1, phase="Running")]
+    report = {REPORT_PROGRESS: json.dumps(progress)}
+    decision = decide(
+        observed(status={"phase": "Initializing"}, workload=workload(), pods=pods, report=report)
+    )
     assert decision.status["phase"] == "Running"
     assert decision.status["progress"] == progress
     assert decision.status["startTime"] == T1
     assert decision.action is Action.APPLY
     assert_valid_status(decision)
+
+
+def test_reported_checkpoint_becomes_a_pvc_uri_in_status() -> None:
+    pods = [pod(0, phase="Running")]
+    checkpoint = {"step": 40, "path": "/mnt/output/ftj/x/checkpoints/checkpoint-40", "time": T1}
+    decision = decide(
+        observed(
+            workload=workload(),
+            pods=pods,
+            report={REPORT_CHECKPOINT: json.dumps(checkpoint), REPORT_PROGRESS: "not json"},
+            output_claim="x-output",
+            output_mount="/mnt/output",
+        )
+    )
+    assert decision.status["lastCheckpoint"] == {
+        "step": 40,
+        "uri": "pvc://x-output/ftj/x/checkpoints/checkpoint-40",
+        "time": T1,
+    }
+    assert "progress" not in decision.status  # a garbled report is ignored, not fatal
+
+
+UNSCHEDULABLE = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/6 nodes are available: 6 Insufficient nvidia.com/gpu.",
+}
+
+
+def _waiting(reason: str, message: str) -> Obj:
+    stuck = pod(0, phase="Pending")
+    stuck["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": reason, "message": message}
+    }
+    return stuck
+
+
+@pytest.mark.parametrize(
+    ("stuck", "reason", "says"),
+    [
+        (pod(0, phase="Pending", conditions=[UNSCHEDULABLE]), "Unschedulable", "6 Insufficient"),
+        (
+            _waiting("CreateContainerConfigError", 'secret "hf-token" not found'),
+            "MissingSecret",
+            'secret "hf-token" not found',
+        ),
+        (_waiting("ImagePullBackOff", 'Back-off pulling "x"'), "ImagePullFailed", "Back-off"),
+    ],
+    ids=["unschedulable", "missing-secret", "image-pull"],
+)
+def test_pods_that_cannot_start_say_why(stuck: Obj, reason: str, says: str) -> None:
+    decision = decide(observed(status={"phase": "Initializing"}, workload=workload(), pods=[stuck]))
+    assert decision.status["phase"] == "Initializing"
+    for type_ in ("Reconciling", "Stalled"):
+        found = condition(decision.status, type_)
+        assert found["status"] == "True" and found["reason"] == reason and says in found["message"]
+    # once the pod runs, Stalled clears
+    running = [pod(0, phase="Running"), pod(1, phase="Running")]
+    later = decide(observed(status=decision.status, workload=workload(), pods=running))
+    assert later.status["phase"] == "Running"
+    assert condition(later.status, "Stalled")["status"] == "False"
+
+
+def test_missing_volume_is_said_before_any_pod_exists() -> None:
+    decision = decide(observed(missing_volumes=['PersistentVolumeClaim "data" not found']))
+    assert decision.status["phase"] == "Pending"
+    assert decision.action is Action.NONE  # nothing is created that could only pend
+    stalled = condition(decision.status, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "MissingVolume"
+    assert '"data" not found' in stalled["message"]
+    fixed = decide(observed(status=decision.status))
+    assert fixed.action is Action.APPLY
+    assert condition(fixed.status, "Stalled")["status"] == "False"
 
 
 def test_not_all_ranks_running_is_initializing() -> None:

@@ -45,17 +45,18 @@ def test_reports_reach_file_and_prometheus(tmp_path: Path) -> None:
 
 
 def test_checkpoints_are_announced_to_the_operator(tmp_path: Path) -> None:
-    """In a pod, a completed checkpoint becomes an annotation the operator copies to status."""
+    """In a pod, a completed checkpoint goes into the job's report ConfigMap (the operator
+    copies it to status; tests/integration checks that path end to end)."""
     reporter = ProgressReporter(tmp_path, "demo-job")
 
-    class Pod:
-        annotations: dict[str, str] = {}
+    class Report:
+        data: dict[str, str] = {}
 
-        def annotate(self, key: str, value: str) -> None:
-            self.annotations[key] = value
+        def write(self, key: str, value: str) -> None:
+            self.data[key] = value
 
-    pod = Pod()
-    reporter.pod = pod  # type: ignore[assignment]
+    sink = Report()
+    reporter.report = sink  # type: ignore[assignment]
     reporter.checkpoint(40, tmp_path / "checkpoints" / "checkpoint-40")
-    report = json.loads(pod.annotations["lmforge.io/last-checkpoint"])
+    report = json.loads(sink.data["last-checkpoint"])
     assert report["step"] == 40 and report["path"].endswith("checkpoint-40") and report["time"]

@@ -81,7 +81,12 @@ def the(children: Children, kind: str) -> Obj:
 
 def run_config(children: Children) -> RunConfig:
     """The run config exactly as the trainer reads it from the mounted ConfigMap."""
-    return RunConfig.model_validate(json.loads(the(children, "ConfigMap")["data"]["run.json"]))
+    return RunConfig.model_validate(json.loads(run_config_map(children)["data"]["run.json"]))
+
+
+def run_config_map(children: Children) -> Obj:
+    (found,) = [o for o in children.of_kind("ConfigMap") if "run.json" in o.get("data", {})]
+    return found
 
 
 def pod_spec(children: Children) -> Obj:
@@ -288,7 +293,7 @@ def test_trainer_can_open_every_location_of_its_run_config(example: str) -> None
     container = trainer(children)
     assert mount_at(container, "/etc/lmforge")["readOnly"] is True
     assert volume(children, mount_at(container, "/etc/lmforge")["name"])["configMap"] == {
-        "name": the(children, "ConfigMap")["metadata"]["name"]
+        "name": run_config_map(children)["metadata"]["name"]
     }
     assert container["command"][-2:] == ["--config", "/etc/lmforge/run.json"]
     locations = [config.paths.model, config.paths.output]
@@ -497,16 +502,27 @@ def test_each_attempt_is_a_new_job_reusing_the_other_children(attempt: int) -> N
     ]
 
 
-def test_trainer_account_may_only_patch_pods() -> None:
+def test_trainer_account_may_only_write_its_report() -> None:
     target = target_of(example_job("multinode"))
     account, role, binding = render_trainer_access(target)
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    report = "llama3-70b-full-report"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [report],
+            "verbs": ["get", "patch"],
+        }
+    ]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
     children = render_children(target)
     assert pod_spec(children)["serviceAccountName"] == account["metadata"]["name"]
+    assert env_of(trainer(children))["LMFORGE_REPORT_CONFIGMAP"]["value"] == report
+    (created,) = [o for o in children.of_kind("ConfigMap") if o["metadata"]["name"] == report]
+    assert "data" not in created  # the trainer's keys are never overwritten by the operator
     assert render_service(target) == the(children, "Service")
 
 

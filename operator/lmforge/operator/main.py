@@ -81,6 +81,8 @@ def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegi
     selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
     kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)(on_child_event)
     kopf.on.event("", "v1", "pods", labels=selector, registry=registry)(on_child_event)
+    # the report ConfigMaps (progress, checkpoints) the trainers write
+    kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)(on_child_event)
     return registry
 
 

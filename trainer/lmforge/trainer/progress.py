@@ -5,9 +5,9 @@ Rank 0 publishes one `Progress` report (the same model as the job's
 
 - `progress.json` in the output folder (atomic write): what `lmforge run`
   shows and what survives the pod;
-- the pod annotation `lmforge.io/progress` when running in a pod that may
-  patch itself (POD_NAME/POD_NAMESPACE from the downward API): the operator
-  watches its pods and copies the report into the job's status;
+- the job's report ConfigMap (named by LMFORGE_REPORT_CONFIGMAP in a pod): the
+  one object the job's pods may patch; the operator watches it and copies the
+  report into the job's status;
 - Prometheus gauges on `metrics_port` (step, loss, learning rate, tokens/s,
   ETA, GPU memory);
 - at the end, the container's termination message (`/dev/termination-log`):
@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from lmforge.api.kinds import Progress
-from lmforge.api.runconfig import CHECKPOINT_ANNOTATION, PROGRESS_ANNOTATION
+from lmforge.api.runconfig import REPORT_CHECKPOINT, REPORT_CONFIGMAP_ENV, REPORT_PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +92,33 @@ def _gpu_peak_memory() -> int | None:
     return None
 
 
-class PodAnnotationSink:
-    """Patches the trainer's own pod with the latest report (rate limited)."""
+class ReportSink:
+    """Writes the latest report into the job's report ConfigMap (rate limited).
 
-    def __init__(self, pod: str, namespace: str, every_seconds: float = 15) -> None:
+    The pod's ServiceAccount may get/patch that one ConfigMap and nothing else, so
+    code running in a training job (trust_remote_code models included) cannot touch
+    other workloads.
+    """
+
+    def __init__(self, name: str, namespace: str, every_seconds: float = 15) -> None:
         from kubernetes import client, config
 
         config.load_incluster_config()
         self.api = client.CoreV1Api()
-        self.pod, self.namespace, self.every = pod, namespace, every_seconds
+        self.name, self.namespace, self.every = name, namespace, every_seconds
         self.last = 0.0
 
     def publish(self, progress: Progress, force: bool = False) -> None:
         if not force and time.monotonic() - self.last < self.every:
             return
         self.last = time.monotonic()
-        self.annotate(
-            PROGRESS_ANNOTATION, progress.model_dump_json(by_alias=True, exclude_none=True)
-        )
+        self.write(REPORT_PROGRESS, progress.model_dump_json(by_alias=True, exclude_none=True))
 
-    def annotate(self, key: str, value: str) -> None:
-        body = {"metadata": {"annotations": {key: value}}}
+    def write(self, key: str, value: str) -> None:
         try:
-            self.api.patch_namespaced_pod(self.pod, self.namespace, body)
+            self.api.patch_namespaced_config_map(self.name, self.namespace, {"data": {key: value}})
         except Exception as err:  # reporting must never kill training
-            log.warning("could not annotate pod %s with %s: %s", self.pod, key, err)
+            log.warning("could not write %s to ConfigMap %s: %s", key, self.name, err)
 
 
 @dataclass
@@ -137,13 +139,13 @@ class ProgressReporter:
             if self.metrics_port is not None
             else None
         )
-        pod, pod_ns = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
-        self.pod: PodAnnotationSink | None = None
-        if pod and pod_ns and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        report, pod_ns = os.environ.get(REPORT_CONFIGMAP_ENV), os.environ.get("POD_NAMESPACE")
+        self.report: ReportSink | None = None
+        if report and pod_ns and os.environ.get("KUBERNETES_SERVICE_HOST"):
             try:
-                self.pod = PodAnnotationSink(pod, pod_ns)
+                self.report = ReportSink(report, pod_ns)
             except Exception as err:
-                log.warning("pod progress annotations disabled: %s", err)
+                log.warning("progress reports to the operator disabled: %s", err)
 
     def update(
         self,
@@ -181,20 +183,20 @@ class ProgressReporter:
         self._write_json(self.output_dir / "progress.json", self.latest.to_wire())
         if self.prometheus is not None:
             self.prometheus.publish(self.latest)
-        if self.pod is not None:
-            self.pod.publish(self.latest, force=force)
+        if self.report is not None:
+            self.report.publish(self.latest, force=force)
         return self.latest
 
     def checkpoint(self, step: int, path: Path) -> None:
         """A checkpoint became complete: tell the operator (status.lastCheckpoint)."""
-        if self.pod is not None:
+        if self.report is not None:
             report = {"step": step, "path": str(path), "time": now()}
-            self.pod.annotate(CHECKPOINT_ANNOTATION, json.dumps(report))
+            self.report.write(REPORT_CHECKPOINT, json.dumps(report))
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Publish the final report and leave the summary as the termination message."""
-        if self.pod is not None:
-            self.pod.publish(self.latest, force=True)
+        if self.report is not None:
+            self.report.publish(self.latest, force=True)
         message = json.dumps(summary, separators=(",", ":"))
         if len(message) > TERMINATION_LIMIT:  # keep what the operator needs most
             message = json.dumps({k: summary[k] for k in ("output", "step") if k in summary})

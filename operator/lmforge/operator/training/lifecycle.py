@@ -15,11 +15,11 @@ from enum import StrEnum
 from typing import Any
 
 from lmforge.api.runconfig import (
-    CHECKPOINT_ANNOTATION,
     EXIT_BAD_CONFIG,
     EXIT_BAD_DATA,
     EXIT_OUT_OF_MEMORY,
-    PROGRESS_ANNOTATION,
+    REPORT_CHECKPOINT,
+    REPORT_PROGRESS,
 )
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -172,6 +172,9 @@ class Observed:
     dependencies: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     workload: dict[str, Any] | None = None  # the batch/v1 Job of the current attempt
     pods: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, str] = field(default_factory=dict)  # data of the job's report ConfigMap
+    # Volumes the pods need that do not exist, e.g. 'PersistentVolumeClaim "data" not found'
+    missing_volumes: list[str] = field(default_factory=list)
     output_uri: str = ""
     output_kind: str = "adapter"
     output_claim: str = ""  # the output PVC, mounted at output_mount in the pods
@@ -224,21 +227,21 @@ def _job_condition(workload: dict[str, Any], type_: str) -> dict[str, Any] | Non
     return None
 
 
-def _annotation(pods: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """A JSON report the trainer (rank 0) left on its own pod."""
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
-        text = (pod["metadata"].get("annotations") or {}).get(key)
-        if text:
-            try:
-                return dict(json.loads(text))
-            except ValueError:
-                continue
-    return None
+def _reported(obs: Observed, key: str) -> dict[str, Any] | None:
+    """A JSON report the trainer (rank 0) left in the job's report ConfigMap."""
+    text = obs.report.get(key)
+    if not text:
+        return None
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return None
+    return dict(found) if isinstance(found, dict) else None
 
 
 def _last_checkpoint(obs: Observed) -> dict[str, Any] | None:
     """status.lastCheckpoint: the trainer's path inside the pod as a pvc:// URI."""
-    report = _annotation(obs.pods, CHECKPOINT_ANNOTATION)
+    report = _reported(obs, REPORT_CHECKPOINT)
     if not report or "step" not in report:
         return None
     path = str(report.get("path", ""))
@@ -314,6 +317,14 @@ def decide(obs: Observed) -> Decision:
     dependency = _check_dependency(obs, status)
     if dependency is not None:
         return dependency
+    if obs.missing_volumes:
+        message = "; ".join(obs.missing_volumes) + ": create it, or fix the spec"
+        status.phase("Pending", "MissingVolume", message)
+        status.condition("Stalled", True, "MissingVolume", message)
+        return status.decision()
+    stalled = find_condition(status.data.get("conditions") or [], "Stalled")
+    if stalled and stalled.get("status") == "True" and stalled.get("reason") == "MissingVolume":
+        status.condition("Stalled", False, "VolumesFound", "every referenced volume exists")
 
     workload = obs.workload
     if workload is None:
@@ -424,16 +435,71 @@ def _running(obs: Observed, status: _Status) -> Decision:
     pods = [p for p in obs.pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
     running = [p for p in pods if p["status"].get("phase") == "Running"]
     expected = int(spec.get("parallelism", 1))
-    progress = _annotation(obs.pods, PROGRESS_ANNOTATION)
+    progress = _reported(obs, REPORT_PROGRESS)
     if progress:
         status.data["progress"] = progress
     checkpoint = _last_checkpoint(obs)
     if checkpoint:
         status.data["lastCheckpoint"] = checkpoint
+    stuck = why_pods_wait(pods)
     if running and len(running) >= expected:
         status.data.setdefault("startTime", obs.now)
         status.condition("Restarting", False, "Running", "all ranks are running")
         status.phase("Running", "Training", f"{len(running)} of {expected} pods running")
+    elif stuck is not None:
+        reason, message = stuck
+        status.phase(
+            "Initializing", reason, f"{len(running)} of {expected} pods running; {message}"
+        )
+        status.condition("Stalled", True, reason, message)
     else:
         status.phase("Initializing", "PodsStarting", f"{len(running)} of {expected} pods running")
+    if stuck is None and _is_true(status.data, "Stalled"):
+        status.condition("Stalled", False, "PodsStarting", "the pods are no longer stuck")
     return status.decision(Action.APPLY)
+
+
+# What keeps a pod from starting, as the scheduler or the kubelet reports it, by the reason
+# a user reads in status (the container's waiting reason -> ours).
+_WAITING_REASONS = {
+    "ErrImagePull": "ImagePullFailed",
+    "ImagePullBackOff": "ImagePullFailed",
+    "InvalidImageName": "ImagePullFailed",
+    "CreateContainerConfigError": "InvalidPodConfig",
+}
+
+
+def why_pods_wait(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) when a pod cannot start and will not without a change: the
+    scheduler found no node (Unschedulable, with the scheduler's own message), an image
+    cannot be pulled, or a referenced Secret is missing; None otherwise."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
+        name, pod_status = pod["metadata"].get("name", ""), pod.get("status") or {}
+        for cond in pod_status.get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return "Unschedulable", f"pod {name}: {cond.get('message', 'no node fits')}"
+        containers = (pod_status.get("initContainerStatuses") or []) + (
+            pod_status.get("containerStatuses") or []
+        )
+        for container in containers:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            ours = _WAITING_REASONS.get(waiting.get("reason", ""))
+            if ours is None:
+                continue
+            detail = waiting.get("message", "")
+            if ours == "InvalidPodConfig" and "secret" in detail.lower():
+                ours = "MissingSecret"
+            return (
+                ours,
+                f"pod {name}, container {container.get('name')}: {waiting['reason']}: {detail}",
+            )
+    return None
+
+
+def _is_true(data: dict[str, Any], type_: str) -> bool:
+    found = find_condition(data.get("conditions") or [], type_)
+    return bool(found and found.get("status") == "True")

@@ -29,6 +29,7 @@ from lmforge.operator.training.render import (
     output_uri,
     plan_mounts,
     render_children,
+    report_name,
     workload_name,
 )
 from pydantic import ValidationError
@@ -90,9 +91,10 @@ class Reconciler:
         attempt = int(status.get("restarts", 0))
         dependencies, model_uris = self._resolve_models(job, namespace)
         target = TrainingTarget(job, namespace, meta["uid"], model_uris, attempt, self.settings)
+        claims: dict[str, bool] | None = None  # known once every model reference resolved
         if all(model_uris.values()):
             try:
-                plan_mounts(target)
+                claims = plan_mounts(target).claims
             except LocalPathOnCluster as err:
                 self._fail_invalid(body, status, generation, str(err))
                 return
@@ -100,7 +102,12 @@ class Reconciler:
         current = next(
             (w for w in workloads if w["metadata"]["name"] == workload_name(target)), None
         )
+        # Checked until the attempt's workload exists (its pods found the volumes then).
+        missing_volumes = (
+            self._missing_claims(target, claims) if current is None and claims is not None else []
+        )
         pods = self.kube.pods_of(kind, namespace, name, attempt) if current else []
+        report = self.kube.get("ConfigMap", namespace, report_name(target)) if current else None
         observed = Observed(
             generation=generation,
             status=status,
@@ -110,6 +117,8 @@ class Reconciler:
             dependencies=dependencies,
             workload=current,
             pods=pods,
+            report=dict((report or {}).get("data") or {}),
+            missing_volumes=missing_volumes,
             output_uri=output_uri(target),
             output_claim=output_claim_name(target),
             output_mount=OUTPUT_MOUNT,
@@ -158,6 +167,18 @@ class Reconciler:
             dependencies[f"{other.kind} {other.name} (spec.{ref.field})"] = body
             uris[ref.field] = ((body or {}).get("status") or {}).get("output", {}).get("uri", "")
         return dependencies, uris
+
+    def _missing_claims(self, target: TrainingTarget, inputs: dict[str, bool]) -> list[str]:
+        """Claims the pods would mount that do not exist (inputs, an existing output claim):
+        said at once instead of pods pending forever. The job's own claims are created."""
+        wanted = sorted(inputs)
+        if target.spec.output.existing_claim:
+            wanted.append(target.spec.output.existing_claim)
+        return [
+            f'PersistentVolumeClaim "{claim}" not found'
+            for claim in wanted
+            if self.kube.get("PersistentVolumeClaim", target.namespace, claim) is None
+        ]
 
     def _fail_invalid(
         self, body: dict[str, Any], status: dict[str, Any], generation: int, message: str

@@ -23,6 +23,7 @@ from lmforge.api.kinds import TrainingJob, TrainingJobSpec
 from lmforge.api.runconfig import (
     EXIT_BAD_CONFIG,
     EXIT_BAD_DATA,
+    REPORT_CONFIGMAP_ENV,
     REWARD_FUNCTIONS_DIR,
     RunConfig,
     input_locations,
@@ -87,6 +88,11 @@ def output_claim_name(target: TrainingTarget) -> str:
 
 def cache_claim_name(target: TrainingTarget) -> str:
     return f"{target.name}-cache"
+
+
+def report_name(target: TrainingTarget) -> str:
+    """The ConfigMap the job's pods write progress and checkpoints into."""
+    return f"{target.name}-report"
 
 
 def trainer_account_name(target: TrainingTarget) -> str:
@@ -200,8 +206,19 @@ def render_service(target: TrainingTarget) -> dict[str, Any]:
     }
 
 
+def render_report(target: TrainingTarget) -> dict[str, Any]:
+    """The report ConfigMap, without data: the trainer owns its keys (server-side apply
+    leaves fields of other managers alone), the operator only creates and labels it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(target, report_name(target)),
+    }
+
+
 def render_trainer_access(target: TrainingTarget) -> list[dict[str, Any]]:
-    """A ServiceAccount that may annotate its own pods with progress (nothing more)."""
+    """A ServiceAccount that may read and patch the job's report ConfigMap, nothing else:
+    no rights over pods, so code in a training job cannot touch other workloads."""
     name = trainer_account_name(target)
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(target, name)},
@@ -209,7 +226,14 @@ def render_trainer_access(target: TrainingTarget) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": _metadata(target, name),
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": [report_name(target)],
+                    "verbs": ["get", "patch"],
+                }
+            ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -234,6 +258,7 @@ def _env(target: TrainingTarget) -> list[dict[str, Any]]:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "LMFORGE_ATTEMPT", "value": str(target.attempt)},
+        {"name": REPORT_CONFIGMAP_ENV, "value": report_name(target)},
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *pods.hub_token_env(spec.model.secret_ref),
@@ -382,6 +407,7 @@ def render_children(target: TrainingTarget, *, workload_suspended: bool | None =
     config = render_run_config(target, mounts)
     objects = [
         render_config_map(target, config),
+        render_report(target),
         *render_claims(target, mounts),
         render_service(target),
         *render_trainer_access(target),
