@@ -101,14 +101,34 @@ def _pass_through_stderr(proc: subprocess.Popen[str]) -> list[str]:
 
 
 def run(config_path: Path) -> int:
-    from lmforge.trainer.launch import torchrun_command
+    from lmforge.trainer.launch import (
+        resolve_auto_strategy,
+        strategy_problem,
+        torchrun_command,
+        under_torchrun,
+    )
 
     try:
         config = RunConfig.load(config_path)
+        config, choice = resolve_auto_strategy(config)
     except ValueError as err:
         return fail(EXIT_BAD_CONFIG, "InvalidRunConfig", str(err))
+    if choice is not None and not under_torchrun(os.environ):
+        # The run's first line: the memory estimate and what `auto` chose from it.
+        level = logging.INFO if choice.fits else logging.WARNING
+        logging.getLogger("lmforge.trainer").log(level, "%s", choice.describe())
+    strategy = config.spec.distributed.strategy
+    if strategy.startswith("zero") and config.spec.distributed.processes > 1:
+        import torch
+
+        problem = strategy_problem(config, torch.cuda.is_available())
+        if problem:
+            return fail(EXIT_BAD_CONFIG, "InvalidStrategy", problem)
     command = torchrun_command(
-        config_path, config.spec.distributed.processes_per_node or 1, os.environ
+        config_path,
+        config.spec.distributed.processes_per_node or 1,
+        os.environ,
+        always=strategy.startswith("zero"),
     )
     if command:
         return launch(command)

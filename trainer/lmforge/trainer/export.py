@@ -25,11 +25,20 @@ def _replace_dir(staged: Path, final: Path) -> None:
         staged.rename(final)
 
 
-def save_final(model: Any, tokenizer: Any, chat_template: str | None, out: Path) -> Path:
-    """`final/`: a Hugging Face model directory, or a PEFT adapter directory, plus tokenizer."""
+def save_final(
+    model: Any,
+    tokenizer: Any,
+    chat_template: str | None,
+    out: Path,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
+    """`final/`: a Hugging Face model directory, or a PEFT adapter directory, plus tokenizer.
+
+    `state_dict` carries the gathered full weights of a sharded (FSDP, ZeRO-3) model.
+    """
     staged = out / ".final.tmp"
     shutil.rmtree(staged, ignore_errors=True)
-    model.save_pretrained(staged)
+    model.save_pretrained(staged, state_dict=state_dict)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(staged)

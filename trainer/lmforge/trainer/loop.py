@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lmforge.trainer import checkpoints
-from lmforge.trainer.model import Precision
+from lmforge.trainer import checkpoints, sharding
+from lmforge.trainer.launch import strategy_problem
+from lmforge.trainer.model import MethodError, Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -55,6 +56,10 @@ class AtomicCheckpoints:
     on_checkpoint: Any = None  # called with (step, path) on rank 0 once a checkpoint is complete
     args: Any
     state: Any
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        sharding.engage_fsdp_on_cpu(self)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         final_dir = Path(self.args.output_dir)
@@ -204,45 +209,62 @@ def deepspeed_config(strategy: str) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
+        # train_batch_size is left out: DeepSpeed derives it (micro x accumulation x world),
+        # while the Trainer's "auto" fill can run before the world size is known.
         "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
 
 
 def fsdp_arguments(layer_class: str, gradient_checkpointing: bool) -> dict[str, Any]:
-    """Trainer arguments for fully sharded data parallel, wrapping each decoder layer."""
+    """Trainer arguments for FSDP2 (`fully_shard`), one unit per decoder layer.
+
+    Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own
+    shard, nothing is gathered on rank 0, and a resume may use another world size.
+    """
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": [layer_class],
-            "use_orig_params": True,  # PEFT: frozen and trainable params in one unit
-            "sync_module_states": True,
+            "reshard_after_forward": True,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+            # FSDP's own activation checkpointing replaces the Trainer's (not both).
             "activation_checkpointing": gradient_checkpointing,
         },
+        "activation_checkpointing": False,
     }
 
 
 def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     """Trainer arguments for the resolved distributed strategy."""
     strategy = config.spec.distributed.strategy
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if strategy.startswith("zero"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise MethodError(
+                f"distributed.strategy {strategy} needs DeepSpeed, which is not installed here; "
+                "install the `train` extra (`pip install lmforge[train]`)"
+            ) from None
+        problem = strategy_problem(config, cuda)
+        if problem:
+            raise MethodError(problem)
+        # ZeRO also pays at world size 1 (offload); without CUDA it runs on DeepSpeed's
+        # CPU accelerator, which accelerate reaches only when `use_cpu` is off.
+        return {"deepspeed": deepspeed_config(strategy), "use_cpu": False}
+    if world_size == 1:
         return {}
-    args: dict[str, Any] = {"ddp_backend": "nccl" if torch.cuda.is_available() else "gloo"}
-    if strategy == "ddp":
-        return args
+    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo"}
     if strategy == "fsdp":
         layer = type(_decoder_layers(model)[0]).__name__
         return args | fsdp_arguments(layer, config.spec.training.gradient_checkpointing)
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise RuntimeError(
-            f"distributed.strategy {strategy} needs DeepSpeed, which is not installed in this "
-            "image; use the LMForge trainer image or `pip install deepspeed`"
-        ) from None
-    return args | {"deepspeed": deepspeed_config(strategy)}
+    return args
 
 
 def training_arguments(

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from lmforge.operator.kube import Kube
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.ownership import LABEL_ATTEMPT
@@ -137,8 +138,7 @@ class Reconciler:
             self.metrics.restarts.labels(kind, (restarting or {}).get("reason", "Unknown")).inc()
         else:
             if decision.action is Action.APPLY:
-                suspended = current["spec"].get("suspend") if current else None
-                self._apply(target, workload_suspended=suspended)
+                self._apply(target, workload_suspended=None, observed_workload=current)
                 self._delete_other_attempts(target, workloads)
             if decision.status != status:
                 self.kube.patch_status(kind, namespace, name, decision.status)
@@ -245,8 +245,30 @@ class Reconciler:
             self.kube.event(body, "Warning", "Disrupted", message)
             self.metrics.restarts.labels(kind, "Disrupted").inc()
 
-    def _apply(self, target: TrainingTarget, *, workload_suspended: bool | None) -> None:
+    def _apply(
+        self,
+        target: TrainingTarget,
+        *,
+        workload_suspended: bool | None,
+        observed_workload: dict[str, Any] | None = None,
+    ) -> None:
+        """Apply every child. When the Job exists, its `suspend` is Kueue's to decide: we
+        carry the value we read back, locked to the version we read it from, so a stale
+        read can never re-suspend a Job that Kueue admitted meanwhile (409: a newer
+        version exists, and its watch event brings the next reconcile)."""
+        if observed_workload is not None:
+            workload_suspended = observed_workload["spec"].get("suspend")
         for obj in render_children(target, workload_suspended=workload_suspended).objects:
+            if obj["kind"] == "Job" and observed_workload is not None:
+                version = observed_workload["metadata"].get("resourceVersion")
+                obj["metadata"]["resourceVersion"] = version
+                try:
+                    self.kube.apply(obj)
+                except ApiException as err:
+                    if err.status != 409:
+                        raise
+                    log.info("Job %s changed since it was read; next event applies", version)
+                continue
             self.kube.apply(obj)
 
     def _delete_other_attempts(
