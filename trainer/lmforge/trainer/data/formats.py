@@ -498,7 +498,12 @@ def parse_prompt(record: dict[str, Any], check: RecordCheck) -> Example | None:
     if messages is None:
         return None
     messages = _with_system(check, record, messages)
-    columns = {k: v for k, v in record.items() if k not in PROMPT_RECORD_KEYS}
+    # the record's other scalar fields (reference answers for verifiable rewards)
+    columns = {
+        k: v
+        for k, v in record.items()
+        if k not in PROMPT_RECORD_KEYS and (v is None or isinstance(v, str | int | float | bool))
+    }
     return Example(
         messages=tuple(messages), tools=_tools(check, record.get("tools"), "tools"), columns=columns
     )
