@@ -68,6 +68,12 @@ class OperatorMetrics:
             ["kind"],
             registry=r,
         )
+        self.api_requests = Counter(
+            "lmforge_api_requests_total",
+            "Requests the operator sent to the API server (watches excluded)",
+            ["method"],
+            registry=r,
+        )
         self._phases: dict[tuple[str, str, str], str] = {}
         self._gpu_seen: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
