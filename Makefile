@@ -41,8 +41,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Speed and memory benchmarks: every benchmarks/*.py script, each printing a table and writing
+# benchmarks/results/<name>.json (figures compare against a baseline measured in the same run).
 bench: install
-	$(PY) -m pytest benchmarks
+	set -e; for script in benchmarks/[!_]*.py; do \
+		$(PY) -m benchmarks.$$(basename $$script .py); \
+	done
 
 clean:
 	rm -rf $(VENV) .lmforge lmforge-runs
