@@ -90,6 +90,8 @@ def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegi
         kind, name = labels.get(LABEL_KIND), labels.get(LABEL_NAME)
         if kw["type"] == "DELETED":
             cache.saw_deleted(kw["body"])  # applied again by the reconcile below
+        elif kw["body"].get("kind") == "ConfigMap" and kw["name"] != f"{name}{REPORT_SUFFIX}":
+            return  # our own run config changing says nothing new about the job
         if kind in MANAGED_KINDS and name:
             if kw["body"].get("kind") == "Pod":
                 try:
