@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CLUSTER_DIR := .lmforge/cluster
 export LMFORGE_CACHE ?= $(HOME)/.cache/lmforge
 
-.PHONY: install test test-unit test-cluster demo crds cluster-up cluster-down lint bench images clean
+.PHONY: install tools test test-unit test-cluster demo crds cluster-up cluster-down lint bench bench-gpu images clean
 
 install: $(STAMP)
 
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml setup.py requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e ".[train,serve,dev]"
 	touch $@
 
-test: install
+# Helm and the Argo CD Lua harness (Go builds) and Prometheus/promtool (Debian package),
+# cached outside the repo by version like the control plane.
+tools:
+	bash hack/build-tools.sh
+
+test: install tools
 	$(PY) -m pytest -m "not gpu" tests
 
-test-unit: install
+test-unit: install tools
 	$(PY) -m pytest -m "not gpu and not cluster and not slow" tests
 
 demo: install
@@ -41,12 +46,20 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Speed and memory benchmarks: every benchmarks/*.py script, each printing a table and writing
-# benchmarks/results/<name>.json (figures compare against a baseline measured in the same run).
+# Speed and memory benchmarks: every benchmarks/*.py script but the GPU ones (bench-gpu), each
+# printing a table and writing benchmarks/results/<name>.json (figures compare against a
+# baseline measured in the same run).
 bench: install
 	set -e; for script in benchmarks/[!_]*.py; do \
+		case $$script in benchmarks/gpu_*) continue;; esac; \
 		$(PY) -m benchmarks.$$(basename $$script .py); \
 	done
+
+# Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit), and training
+# throughput/MFU of a ~1B full and an 8B-class LoRA run against TRL's SFTTrainer; needs CUDA.
+bench-gpu: install
+	$(PY) benchmarks/gpu_strategies.py --out benchmarks/results
+	$(PY) -m benchmarks.gpu_training
 
 clean:
 	rm -rf $(VENV) .lmforge lmforge-runs

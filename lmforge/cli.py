@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate a YAML file and run its jobs on this machine."""
+    from lmforge.trainer.console import LOG_FORMAT_ENV
+
+    if args.log_format != "auto":
+        os.environ[LOG_FORMAT_ENV] = args.log_format  # the trainer processes inherit it
     try:
         outputs = run_file(
             Path(args.file),
@@ -138,11 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         "files", nargs="+", help="YAML files (several documents per file allowed)"
     )
     validate.set_defaults(func=cmd_validate)
-    run = sub.add_parser("run", help="run FinetuneJob YAML on this machine (no cluster)")
+    run = sub.add_parser(
+        "run", help="run FinetuneJob/AlignmentJob YAML on this machine (no cluster)"
+    )
     run.add_argument("file", help="YAML file with one or more jobs, run in order")
     run.add_argument("--output", help="output folder (default ./lmforge-runs/<kind>/<name>)")
     run.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics of the run on this port"
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("auto", "human", "json"),
+        default="auto",
+        help="human: progress bar and short lines; json: one JSON object per line; auto "
+        "(default): human on a terminal, json otherwise",
     )
     run.set_defaults(func=cmd_run)
     # `lmforge operator ...` is dispatched before parsing (its flags are its own).

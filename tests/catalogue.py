@@ -230,9 +230,9 @@ CASES: list[Case] = [
         why="24 is not a multiple of 1 x 2 x 8",
     ),
     Case(
-        "zero3-on-cpu",
+        "zero3-two-cpu-processes",
         F,
-        {"spec.distributed": {"strategy": "zero3", "gpusPerNode": 0}},
+        {"spec.distributed": {"strategy": "zero3", "gpusPerNode": 0, "processesPerNode": 2}},
         "spec.distributed.gpusPerNode",
     ),
     Case(

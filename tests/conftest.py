@@ -7,6 +7,7 @@ otherwise it starts its own in .lmforge/test-cluster and stops it afterwards.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,18 @@ def kube() -> Iterator[Kube]:
         yield Kube(kubectl, cluster.kubeconfig)
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def tools() -> Path:
+    """Directory with helm and luahealth (hack/build-tools.sh: built once, cached by
+    version outside the repo); prometheus and promtool come from the system (Debian)."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "hack/build-tools.sh")], capture_output=True, text=True, timeout=1800
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"hack/build-tools.sh failed:\n{proc.stderr}")
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

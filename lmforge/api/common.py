@@ -378,10 +378,18 @@ class DistributedSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="self.strategy.startsWith('zero') ? self.gpusPerNode > 0 : true",
-            message="DeepSpeed ZeRO strategies need gpusPerNode of at least 1",
+            # DeepSpeed's CPU accelerator trains one process; accelerate gives several
+            # CPU ranks of a DeepSpeed run no process group.
+            cel="self.strategy.startsWith('zero') && self.gpusPerNode == 0 ? self.nodes == 1 && "
+            "(!has(self.processesPerNode) || self.processesPerNode == 1) : true",
+            message="DeepSpeed ZeRO without GPUs runs one process only; multi-process ZeRO "
+            "needs gpusPerNode of at least 1",
             field="gpusPerNode",
-            check=lambda m: not m.strategy.startswith("zero") or m.gpus_per_node > 0,
+            check=lambda m: (
+                not m.strategy.startswith("zero")
+                or m.gpus_per_node > 0
+                or (m.nodes == 1 and (m.processes_per_node or 1) == 1)
+            ),
         ),
         Rule(
             cel="has(self.processesPerNode) && self.gpusPerNode > 0 ? "
@@ -402,8 +410,9 @@ class DistributedSpec(ApiModel):
         "Training processes per pod (default: gpusPerNode, or 1 without GPUs).", None, ge=1, le=64
     )
     strategy: Literal["auto", "ddp", "fsdp", "zero2", "zero3", "zero3-offload"] = field_(
-        "Data/model parallel strategy; auto picks DDP for adapters and small models, FSDP "
-        "otherwise.",
+        "Data/model parallel strategy; auto estimates the memory per GPU from the model's "
+        "config.json, method, precision, optimizer and batch, and picks the simplest that fits: "
+        "ddp, fsdp, zero3 or zero3-offload.",
         "auto",
     )
 

@@ -4,7 +4,10 @@ The operator mounts it into every training pod (`/etc/lmforge/run.json`) and
 `lmforge run` writes it next to the local outputs; both produce it with
 `resolve_run_config`, so a job behaves the same locally and on a cluster.
 It is fully resolved: every default is filled in, every location is a path
-the trainer can open (or an hf:// id), and nothing is left to guess.
+the trainer can open (or an hf:// id), and nothing is left to guess, with one
+exception: `distributed.strategy: auto` stays `auto`, because only the trainer
+sees the model's config.json and the GPU's memory; it decides at start
+(`lmforge.api.memory.plan_strategy`) and logs the estimate and its reason.
 
 Version history:
 - lmforge.io/run-config/v1: FinetuneJob.
@@ -22,7 +25,7 @@ from typing import Any, Literal
 from pydantic import ValidationError, model_validator
 
 from lmforge.api.base import ApiModel, field_
-from lmforge.api.common import ADAPTER_TYPES, DistributedSpec, TuningMethod
+from lmforge.api.common import ADAPTER_TYPES, TuningMethod
 from lmforge.api.kinds import (
     DEFAULT_BETA,
     KINDS,
@@ -147,15 +150,6 @@ def default_learning_rate(method: TuningMethod) -> float:
     return DEFAULT_LEARNING_RATE["virtual-tokens"]
 
 
-def resolve_strategy(distributed: DistributedSpec, method: TuningMethod) -> str:
-    """`auto` -> DDP for adapters, CPU and single processes; FSDP for full multi-GPU runs."""
-    if distributed.strategy != "auto":
-        return distributed.strategy
-    if distributed.gpus_per_node == 0 or distributed.processes == 1:
-        return "ddp"
-    return "fsdp" if method.type == "full" else "ddp"
-
-
 def resolve_run_config(
     job: TrainingJob,
     *,
@@ -181,7 +175,6 @@ def resolve_run_config(
         spec.method.beta = DEFAULT_BETA[spec.method.type]
     if distributed.processes_per_node is None:
         distributed.processes_per_node = max(distributed.gpus_per_node, 1)
-    distributed.strategy = resolve_strategy(distributed, spec.tuning)  # type: ignore[assignment]
     if training.batch_size.global_ is None:
         training.batch_size.global_ = training.batch_size.per_device * distributed.processes
     for source in (*spec.dataset.sources, *spec.dataset.eval_split.sources):

@@ -92,13 +92,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_nodes_on_localhost(write_job: Callable[..., Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["auto", "fsdp"])
+def test_two_nodes_on_localhost(
+    strategy: str, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
     """Two 'pods' started the way the operator starts them: the torchrun environment only."""
     path = write_job(
         "twonode",
         dataset=NO_EVAL,
-        distributed={"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1},
+        method={"type": "full"},
+        distributed={"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "strategy": strategy},
         training={"maxSteps": 3, "batchSize": {"perDevice": 4}},
+        checkpoint={"everySteps": 3},
     )
     (job,) = load_file(path)
     config = local_run_config(job, path, tmp_path / "out", tmp_path / "runs")
@@ -132,6 +137,11 @@ def test_two_nodes_on_localhost(write_job: Callable[..., Path], tmp_path: Path) 
         assert node.returncode == 0, output[-3000:]
     metrics = json.loads((config.output_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    assert metrics["strategy"] == ("ddp" if strategy == "auto" else strategy)
+    checkpoint = config.output_dir / "checkpoints" / "checkpoint-3"
+    assert checkpoints.is_complete(checkpoint)
+    if strategy == "fsdp":  # each node wrote its own shard into the shared output
+        assert len(list(checkpoint.glob("pytorch_model_fsdp_0/*.distcp"))) == 2
 
 
 def test_bad_data_is_reported_before_training(

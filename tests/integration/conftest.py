@@ -29,8 +29,18 @@ def _free_port() -> int:
 class OperatorProcess:
     """`lmforge operator` as a separate process that tests may kill and restart."""
 
-    def __init__(self, kube: Kube, log_dir: Path, identity: str = "pytest-operator") -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        log_dir: Path,
+        identity: str = "pytest-operator",
+        *,
+        kubeconfig: Path | None = None,
+        lease_namespace: str = "default",
+    ) -> None:
         self.kube, self.log_dir, self.identity = kube, log_dir, identity
+        self.kubeconfig = kubeconfig or kube.kubeconfig  # e.g. one with a ServiceAccount token
+        self.lease_namespace = lease_namespace
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -38,7 +48,7 @@ class OperatorProcess:
     def start(self) -> None:
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.identity}-{self.starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "KUBECONFIG": str(self.kube.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         self.proc = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "lmforge"),
@@ -46,7 +56,7 @@ class OperatorProcess:
                 "--identity",
                 self.identity,
                 "--lease-namespace",
-                "default",
+                self.lease_namespace,
                 "--metrics-port",
                 str(self.port),
                 "--resync-seconds",

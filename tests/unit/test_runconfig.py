@@ -13,7 +13,7 @@ from lmforge.trainer.loop import deepspeed_config, fsdp_arguments
 from lmforge.api.kinds import DEFAULT_BETA
 from lmforge.api.references import model_references
 from lmforge.api.runconfig import RUN_CONFIG_VERSION, RunConfig, resolve_run_config
-from lmforge.api.validation import parse_object
+from lmforge.api.validation import InvalidObject, parse_object
 from lmforge.local import LocalRunError, local_run_config
 from tests.catalogue import BASE
 
@@ -32,7 +32,7 @@ def test_defaults_are_resolved() -> None:
     assert spec.training.epochs == 1.0
     assert spec.training.learning_rate == 2e-4  # lora default
     assert spec.distributed.processes_per_node == 4
-    assert spec.distributed.strategy == "ddp"  # adapters: ddp
+    assert spec.distributed.strategy == "auto"  # decided by the trainer (test_memory)
     assert spec.training.batch_size.global_ == 2 * 8
     assert config.gradient_accumulation_steps == 1
 
@@ -45,7 +45,6 @@ def test_gradient_accumulation_is_derived() -> None:
     )
     config = resolve_run_config(job, models={"model": "m"}, output="o")
     assert config.gradient_accumulation_steps == 4
-    assert config.spec.distributed.strategy == "fsdp"  # full fine-tuning on 16 GPUs
     assert config.spec.training.learning_rate == 2e-5
 
 
@@ -100,6 +99,8 @@ def test_torchrun_command_from_operator_environment() -> None:
     assert torchrun_command(Path("r.json"), 1, {}) == []  # one process: no torchrun
     assert "--standalone" in torchrun_command(Path("r.json"), 2, {})
     assert torchrun_command(Path("r.json"), 2, {"LOCAL_RANK": "0", "WORLD_SIZE": "2"}) == []
+    # DeepSpeed needs torchrun's process-group environment even for one process.
+    assert "--nproc-per-node=1" in torchrun_command(Path("r.json"), 1, {}, always=True)
 
 
 def test_deepspeed_and_fsdp_configs() -> None:
@@ -110,9 +111,22 @@ def test_deepspeed_and_fsdp_configs() -> None:
     offload = deepspeed_config("zero3-offload")["zero_optimization"]
     assert offload["offload_optimizer"]["device"] == "cpu"
     assert offload["offload_param"]["device"] == "cpu"
+    assert "train_batch_size" not in zero2  # DeepSpeed derives it from micro x accum x world
     fsdp = fsdp_arguments("LlamaDecoderLayer", gradient_checkpointing=True)
-    assert fsdp["fsdp"] == "full_shard auto_wrap"
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert fsdp["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"  # reshardable
+    # FSDP checkpoints activations itself; the Trainer's flag would do it twice.
+    assert fsdp["fsdp_config"]["activation_checkpointing"] and not fsdp["activation_checkpointing"]
+
+
+def test_zero_without_gpus_is_one_process() -> None:
+    one = _job(distributed={"strategy": "zero3", "gpusPerNode": 0})
+    assert one.spec.distributed.processes == 1
+    with pytest.raises(InvalidObject, match="runs one process only"):
+        _job(distributed={"strategy": "zero2", "gpusPerNode": 0, "processesPerNode": 2})
+    with pytest.raises(InvalidObject, match="runs one process only"):
+        _job(distributed={"strategy": "zero2", "gpusPerNode": 0, "nodes": 2})
 
 
 def _alignment(data_format: str = "preference", **method: object):  # type: ignore[no-untyped-def]

@@ -147,11 +147,18 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 90
     settings.execution.max_workers = 8
     settings.networking.error_backoffs = [1, 2, 5]
+    # The CRDs are installed before the operator (Helm crds/): no need to watch
+    # CustomResourceDefinitions and Namespaces cluster-wide, which RBAC need not grant.
+    settings.scanning.disabled = True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmforge operator", description=__doc__)
-    parser.add_argument("--namespace", help="watch only this namespace (default: all)")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        help="watch only this namespace; repeat for several (default: all namespaces)",
+    )
     parser.add_argument(
         "--metrics-port", type=int, default=8080, help="port of /metrics, /healthz and /readyz"
     )
@@ -183,13 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     kube = Kube(on_request=lambda method: metrics.api_requests.labels(method).inc())
     election = LeaderElection(kube, args.lease_namespace, args.identity)
     started = threading.Event()
+    # Ready: a standby (waiting for the Lease) is ready to take over; a leader once its
+    # handlers run. So a PodDisruptionBudget can evict one replica at a time.
     serve(
         metrics,
         args.metrics_port,
         live=lambda: True,
-        ready=lambda: election.leading.is_set() and started.is_set(),
+        ready=lambda: not election.leading.is_set() or started.is_set(),
     )
     election.wait_until_leader()
+    metrics.leader.set(1)
 
     reconciler = Reconciler(
         kube, OperatorSettings(trainer_image=args.trainer_image), metrics, ClusterCache()
@@ -204,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     kopf.run(
         registry=registry,
         standalone=True,  # leadership comes from our Lease, not kopf peering
-        clusterwide=args.namespace is None,
-        namespaces=[args.namespace] if args.namespace else [],
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or [],
     )
     return 0
 

@@ -10,16 +10,21 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from lmforge.operator.training.lifecycle import Failure
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lmforge.api.kinds import TRAINING_KINDS
 
 PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
+# Series created at start (value 0) so that rates, alerts and dashboard panels have data
+# before the first reconcile error or restart, as Prometheus's naming guide recommends.
+RESTART_REASONS = tuple(f.value for f in Failure if f.retryable)
 
 
 class OperatorMetrics:
-    """Jobs by phase, reconciles, errors, durations, restarts and GPU-hours."""
+    """Jobs by phase, per-job phase, leadership, reconciles, errors, durations, restarts
+    and GPU-hours. Label names avoid `job` and `instance`, which Prometheus sets itself."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -74,18 +79,41 @@ class OperatorMetrics:
             ["method"],
             registry=r,
         )
+        self.job_phase = Gauge(
+            "lmforge_job_phase",
+            "1 for the current phase of each training job (alerts on stuck or failed jobs)",
+            ["kind", "namespace", "job_name", "phase"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "lmforge_operator_leader",
+            "1 while this replica holds the leader-election Lease and acts",
+            registry=r,
+        )
+        for kind in TRAINING_KINDS:
+            self.reconciles.labels(kind)
+            self.reconcile_errors.labels(kind)
+            self.gpu_hours.labels(kind)
+            for reason in RESTART_REASONS:
+                self.restarts.labels(kind, reason)
         self._phases: dict[tuple[str, str, str], str] = {}
         self._gpu_seen: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
 
     def record_phase(self, kind: str, namespace: str, name: str, phase: str) -> None:
         with self._lock:
+            previous = self._phases.get((kind, namespace, name))
+            if previous is not None and previous != phase:
+                self.job_phase.remove(kind, namespace, name, previous)
             self._phases[(kind, namespace, name)] = phase
+            self.job_phase.labels(kind, namespace, name, phase).set(1)
             self._refresh()
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
-            self._phases.pop((kind, namespace, name), None)
+            previous = self._phases.pop((kind, namespace, name), None)
+            if previous is not None:
+                self.job_phase.remove(kind, namespace, name, previous)
             self._gpu_seen.pop((kind, namespace, name), None)
             self._refresh()
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lmforge.trainer.console import setup_logging
 from lmforge.trainer.progress import TERMINATION_LOG
 
 from lmforge.api.runconfig import (
@@ -20,36 +21,6 @@ from lmforge.api.runconfig import (
     EXIT_OUT_OF_MEMORY,
     RunConfig,
 )
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: what log collectors in a cluster expect."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "rank": int(os.environ.get("RANK", "0")),
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if "KUBERNETES_SERVICE_HOST" in os.environ or not sys.stderr.isatty():
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
 
 FAILURE_FILE_ENV = "LMFORGE_FAILURE_FILE"
 
@@ -101,14 +72,34 @@ def _pass_through_stderr(proc: subprocess.Popen[str]) -> list[str]:
 
 
 def run(config_path: Path) -> int:
-    from lmforge.trainer.launch import torchrun_command
+    from lmforge.trainer.launch import (
+        resolve_auto_strategy,
+        strategy_problem,
+        torchrun_command,
+        under_torchrun,
+    )
 
     try:
         config = RunConfig.load(config_path)
+        config, choice = resolve_auto_strategy(config)
     except ValueError as err:
         return fail(EXIT_BAD_CONFIG, "InvalidRunConfig", str(err))
+    if choice is not None and not under_torchrun(os.environ):
+        # The run's first line: the memory estimate and what `auto` chose from it.
+        level = logging.INFO if choice.fits else logging.WARNING
+        logging.getLogger("lmforge.trainer").log(level, "%s", choice.describe())
+    strategy = config.spec.distributed.strategy
+    if strategy.startswith("zero") and config.spec.distributed.processes > 1:
+        import torch
+
+        problem = strategy_problem(config, torch.cuda.is_available())
+        if problem:
+            return fail(EXIT_BAD_CONFIG, "InvalidStrategy", problem)
     command = torchrun_command(
-        config_path, config.spec.distributed.processes_per_node or 1, os.environ
+        config_path,
+        config.spec.distributed.processes_per_node or 1,
+        os.environ,
+        always=strategy.startswith("zero"),
     )
     if command:
         return launch(command)

@@ -25,17 +25,41 @@ def _replace_dir(staged: Path, final: Path) -> None:
         staged.rename(final)
 
 
-def save_final(model: Any, tokenizer: Any, chat_template: str | None, out: Path) -> Path:
-    """`final/`: a Hugging Face model directory, or a PEFT adapter directory, plus tokenizer."""
+def save_final(
+    model: Any,
+    tokenizer: Any,
+    chat_template: str | None,
+    out: Path,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
+    """`final/`: a Hugging Face model directory, or a PEFT adapter directory, plus tokenizer.
+
+    `state_dict` carries the gathered full weights of a sharded (FSDP, ZeRO-3) model.
+    """
     staged = out / ".final.tmp"
     shutil.rmtree(staged, ignore_errors=True)
-    model.save_pretrained(staged)
+    model.save_pretrained(staged, state_dict=state_dict)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(staged)
     final = out / "final"
     _replace_dir(staged, final)
     return final
+
+
+def save_start_model(model: Any, tokenizer: Any, out: Path) -> Path:
+    """`base/`: the model a run started from, when that was an adapter merged into its base in
+    memory (an AlignmentJob after a LoRA FinetuneJob): the new adapter in final/ applies to it.
+    Written before training wraps `model`; a resumed run keeps the existing copy."""
+    base = out / "base"
+    if (base / "config.json").is_file():
+        return base
+    staged = out / ".base.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    _replace_dir(staged, base)
+    return base
 
 
 def save_merged(base_path: str, adapter_dir: Path, tokenizer: Any, out: Path) -> Path:

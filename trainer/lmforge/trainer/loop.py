@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lmforge.trainer import checkpoints
-from lmforge.trainer.model import Precision
+from lmforge.trainer import checkpoints, sharding
+from lmforge.trainer.console import Console
+from lmforge.trainer.launch import strategy_problem
+from lmforge.trainer.model import MethodError, Precision
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as TransformersProgressCallback
 
 from lmforge.api.runconfig import RunConfig
 
@@ -56,6 +60,17 @@ class AtomicCheckpoints:
     args: Any
     state: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Our ProgressCallback shows progress (console.py); transformers' printers would repeat
+        # every log step as a dict.
+        for printer in (PrinterCallback, TransformersProgressCallback):
+            self.remove_callback(printer)  # type: ignore[attr-defined]
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        sharding.engage_fsdp_on_cpu(self)
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         final_dir = Path(self.args.output_dir)
         staging = final_dir / checkpoints.STAGING
@@ -92,8 +107,9 @@ def with_atomic_checkpoints(trainer_class: type[Any]) -> type[Any]:
 class ProgressCallback(TrainerCallback):
     """Feeds the Trainer's logs into the progress channel (rank 0 only)."""
 
-    def __init__(self, reporter: ProgressReporter | None) -> None:
+    def __init__(self, reporter: ProgressReporter | None, console: Console | None = None) -> None:
         self.reporter = reporter
+        self.console = console or Console()
         self.first_step: int | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -105,7 +121,7 @@ class ProgressCallback(TrainerCallback):
         if self.reporter is None or not state.is_world_process_zero:
             return
         logs = logs or {}
-        self.reporter.update(
+        progress = self.reporter.update(
             step=state.global_step,
             total_steps=state.max_steps,
             epoch=state.epoch,
@@ -115,6 +131,10 @@ class ProgressCallback(TrainerCallback):
             tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0) or None,
             steps_this_session=state.global_step - (self.first_step or 0),
         )
+        self.console.show(progress)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.console.end_line()
 
 
 class TimedCheckpointCallback(TrainerCallback):
@@ -204,45 +224,62 @@ def deepspeed_config(strategy: str) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
+        # train_batch_size is left out: DeepSpeed derives it (micro x accumulation x world),
+        # while the Trainer's "auto" fill can run before the world size is known.
         "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
 
 
 def fsdp_arguments(layer_class: str, gradient_checkpointing: bool) -> dict[str, Any]:
-    """Trainer arguments for fully sharded data parallel, wrapping each decoder layer."""
+    """Trainer arguments for FSDP2 (`fully_shard`), one unit per decoder layer.
+
+    Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own
+    shard, nothing is gathered on rank 0, and a resume may use another world size.
+    """
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": [layer_class],
-            "use_orig_params": True,  # PEFT: frozen and trainable params in one unit
-            "sync_module_states": True,
+            "reshard_after_forward": True,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+            # FSDP's own activation checkpointing replaces the Trainer's (not both).
             "activation_checkpointing": gradient_checkpointing,
         },
+        "activation_checkpointing": False,
     }
 
 
 def strategy_arguments(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     """Trainer arguments for the resolved distributed strategy."""
     strategy = config.spec.distributed.strategy
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if strategy.startswith("zero"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise MethodError(
+                f"distributed.strategy {strategy} needs DeepSpeed, which is not installed here; "
+                "install the `train` extra (`pip install lmforge[train]`)"
+            ) from None
+        problem = strategy_problem(config, cuda)
+        if problem:
+            raise MethodError(problem)
+        # ZeRO also pays at world size 1 (offload); without CUDA it runs on DeepSpeed's
+        # CPU accelerator, which accelerate reaches only when `use_cpu` is off.
+        return {"deepspeed": deepspeed_config(strategy), "use_cpu": False}
+    if world_size == 1:
         return {}
-    args: dict[str, Any] = {"ddp_backend": "nccl" if torch.cuda.is_available() else "gloo"}
-    if strategy == "ddp":
-        return args
+    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo"}
     if strategy == "fsdp":
         layer = type(_decoder_layers(model)[0]).__name__
         return args | fsdp_arguments(layer, config.spec.training.gradient_checkpointing)
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise RuntimeError(
-            f"distributed.strategy {strategy} needs DeepSpeed, which is not installed in this "
-            "image; use the LMForge trainer image or `pip install deepspeed`"
-        ) from None
-    return args | {"deepspeed": deepspeed_config(strategy)}
+    return args
 
 
 def training_arguments(

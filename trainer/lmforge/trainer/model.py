@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,10 +83,40 @@ def load_model(
             config.max_position_embeddings * training.rope_scaling.factor
         )
         kwargs["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    base = adapter_base(path)
+    if base is None:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = _merged_adapter(path, base, method, kwargs)
     if training.gradient_checkpointing:
         model.config.use_cache = False
     return model
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter directory (e.g. an SFT job's LoRA output), else None."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise MethodError(f"{config}: adapter without base_model_name_or_path; cannot load it")
+    return str(base)
+
+
+def _merged_adapter(path: str, base: str, method: TuningMethod, kwargs: dict[str, Any]) -> Any:
+    """A model that starts from an adapter (a fromJob of a LoRA job): its base with the adapter
+    merged in, so the new method trains on top of what the adapter learned."""
+    if method.type == "qlora":
+        raise MethodError(
+            f"model {path} is an adapter; qlora cannot merge it into a quantized base. Export the "
+            "earlier job merged (method.mergeOnExport) and start from merged/, or use lora"
+        )
+    from peft import PeftModel
+
+    log.info("model %s is an adapter: merging it into its base %s", path, base)
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def _bitsandbytes_config(method: TuningMethod) -> Any:
@@ -145,8 +177,21 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> list[str] | st
 
 def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int) -> nn.Module:
     """Wrap the model for the tuning method; full and lisa train the model itself."""
-    if method.type in ("full", "lisa"):
+    config = peft_config(model, method, total_steps)
+    if config is None:
         return model
+    import peft
+
+    if method.type == "qlora":
+        model = peft.prepare_model_for_kbit_training(model)
+    return peft.get_peft_model(model, config)
+
+
+def peft_config(model: PreTrainedModel, method: TuningMethod, total_steps: int) -> Any:
+    """The PEFT config of the tuning method (None for full and lisa), checked against the model;
+    TRL's trainers take it as `peft_config` and wrap the model themselves."""
+    if method.type in ("full", "lisa"):
+        return None
     import peft
 
     lora = method.lora
@@ -196,9 +241,7 @@ def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int)
         )
     else:  # pragma: no cover - the API enum is exhaustive
         raise MethodError(f"method.type {method.type} is not supported")
-    if method.type == "qlora":
-        model = peft.prepare_model_for_kbit_training(model)
-    return peft.get_peft_model(model, config)
+    return config
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

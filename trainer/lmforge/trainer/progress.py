@@ -172,7 +172,8 @@ class ProgressReporter:
             step=step,
             total_steps=total_steps,
             epoch=round(epoch, 4) if epoch is not None else None,
-            percent=int(100 * step / total_steps) if total_steps else None,
+            # A resume from the last checkpoint may report one step past the plan.
+            percent=min(100, int(100 * step / total_steps)) if total_steps else None,
             eta_seconds=eta,
             tokens_per_second=round(self.tokens_seen / elapsed, 2) if self.tokens_seen else None,
             loss=round(loss, 6) if loss is not None else previous.loss,

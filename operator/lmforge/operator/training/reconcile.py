@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from lmforge.operator.cache import ClusterCache
 from lmforge.operator.kube import Kube
 from lmforge.operator.metrics import OperatorMetrics
@@ -149,12 +150,13 @@ class Reconciler:
             self.metrics.restarts.labels(kind, (restarting or {}).get("reason", "Unknown")).inc()
         else:
             if decision.action is Action.APPLY:
-                suspended = current["spec"].get("suspend") if current else None
                 # children the watches show; one that vanished is applied again at once
                 present = {("Job", current["metadata"]["name"])} if current else set()
                 if report is not None:
                     present.add(("ConfigMap", report_name(target)))
-                self._apply(target, workload_suspended=suspended, present=present)
+                self._apply(
+                    target, workload_suspended=None, observed_workload=current, present=present
+                )
                 self._delete_other_attempts(target, workloads)
             if decision.status != status:
                 self._patch_status(kind, namespace, name, decision.status)
@@ -270,17 +272,35 @@ class Reconciler:
         *,
         workload_suspended: bool | None,
         present: set[tuple[str, str]],
+        observed_workload: dict[str, Any] | None = None,
     ) -> None:
         """Apply the children whose rendered form changed since this process applied them
-        (all of them after a restart; any the watches no longer show)."""
+        (all of them after a restart; any the watches no longer show).
+
+        When the Job exists, its `suspend` is Kueue's to decide: we carry the value we read
+        back, locked to the version we read it from, so a stale read can never re-suspend a
+        Job that Kueue admitted meanwhile (409: a newer version exists, and its watch event
+        brings the next reconcile)."""
+        if observed_workload is not None:
+            workload_suspended = observed_workload["spec"].get("suspend")
         report = ("ConfigMap", report_name(target))
         for obj in render_children(target, workload_suspended=workload_suspended).objects:
             key = (obj["kind"], obj["metadata"]["name"])
             watched = obj["kind"] == "Job" or key == report
             if (not watched or key in present) and self.cache.unchanged(obj):
                 continue
-            applied = self.kube.apply(obj)
-            self.cache.applied(obj)
+            sent = obj
+            if obj["kind"] == "Job" and observed_workload is not None:
+                version = observed_workload["metadata"].get("resourceVersion")
+                sent = {**obj, "metadata": {**obj["metadata"], "resourceVersion": version}}
+            try:
+                applied = self.kube.apply(sent)
+            except ApiException as err:
+                if err.status != 409 or sent is obj:
+                    raise
+                log.info("Job %s changed since it was read; next event applies", key[1])
+                continue
+            self.cache.applied(obj)  # the rendered form, without the version lock
             if watched:
                 self.cache.wrote(applied)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lmforge.trainer import checkpoints, export
+from lmforge.trainer import checkpoints, export, sharding
 from lmforge.trainer.data import (
     DataCollator,
     load_examples,
@@ -155,7 +155,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_loss = _final_eval_loss(trainer) if eval_data is not None else None
-    accuracy_after = score()
+    # A sharded model generates only with every rank taking part; score final/ elsewhere.
+    accuracy_after = None if sharding.is_sharded(trainer) else score()
     if accuracy_after is not None:
         log.info("exact-match accuracy after training: %.1f%%", 100 * accuracy_after)
 
@@ -172,11 +173,13 @@ def run(config: RunConfig) -> dict[str, Any]:
         "total_parameters": total,
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
         "world_size": trainer.args.world_size,
+        "strategy": sharding.strategy_in_use(trainer),
     }
     if accuracy_after is not None:
         metrics |= {"exact_match_before": accuracy_before, "exact_match": accuracy_after}
+    weights = sharding.full_state_dict(trainer)  # every rank: gathering shards is collective
     if main:
-        _export(config, trainer, tokenizer, template, metrics)
+        _export(config, trainer, tokenizer, template, metrics, weights)
         assert reporter is not None
         reporter.update(
             step=trainer.state.global_step,
@@ -196,10 +199,15 @@ def run(config: RunConfig) -> dict[str, Any]:
 
 
 def _export(
-    config: RunConfig, trainer: Any, tokenizer: Any, template: str | None, metrics: dict[str, Any]
+    config: RunConfig,
+    trainer: Any,
+    tokenizer: Any,
+    template: str | None,
+    metrics: dict[str, Any],
+    weights: dict[str, Any] | None = None,
 ) -> None:
     out = config.output_dir
-    final = export.save_final(trainer.model, tokenizer, template, out)
+    final = export.save_final(trainer.model, tokenizer, template, out, weights)
     if config.spec.tuning.merge_on_export:
         export.save_merged(config.paths.model, final, tokenizer, out)
     export.write_model_card(config, final, metrics)

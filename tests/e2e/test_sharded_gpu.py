@@ -1,0 +1,45 @@
+"""The strategies that need a GPU: ZeRO-2/3/offload and QLoRA 4/8-bit, one GPU, with resume.
+
+Skipped without CUDA. Peak memory per strategy on a ~1B model: `make bench-gpu`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_sharded import TRAINING, _run, _write
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+CASES: dict[str, dict[str, Any]] = {
+    "zero2": {"method": {"type": "full"}, "distributed": {"strategy": "zero2"}},
+    "zero3": {"method": {"type": "full"}, "distributed": {"strategy": "zero3"}},
+    "zero3-offload": {"method": {"type": "full"}, "distributed": {"strategy": "zero3-offload"}},
+    "qlora-4bit": {"method": {"type": "qlora", "quantization": {"bits": 4}}},
+    "qlora-8bit": {"method": {"type": "qlora", "quantization": {"bits": 8}}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trains_checkpoints_and_resumes_on_one_gpu(
+    case: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    changes = CASES[case]
+    distributed = {"gpusPerNode": 1, **changes.get("distributed", {})}
+    out = tmp_path / "out"
+    for steps in (3, 6):
+        path = _write(
+            tmp_path,
+            f"{case}-{steps}",
+            tiny_model,
+            method=changes["method"],
+            distributed=distributed,
+            training=TRAINING | {"maxSteps": steps, "precision": "bf16"},
+        )
+        metrics = _run(path, out)
+    assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 6
+    assert metrics["strategy"] == distributed.get("strategy", "single")  # qlora: auto, 1 GPU
+    assert metrics["peak_memory_bytes"] > 0
