@@ -91,7 +91,14 @@ class Reconciler:
             and status.get("observedGeneration") == generation
         ):
             self.metrics.record_phase(kind, namespace, name, status["phase"])
-            return  # terminal and up to date: nothing can change any more
+            # terminal and up to date: nothing can change any more, but a Job of an earlier
+            # attempt may be left if the operator died between a restart's create and delete
+            self._delete_other_attempts(
+                namespace,
+                int(status.get("restarts", 0)),
+                self.cache.workloads(kind, namespace, name),
+            )
+            return
 
         try:
             job = KINDS[kind].model_validate({k: v for k, v in body.items() if k != "status"})
@@ -145,7 +152,7 @@ class Reconciler:
             self._patch_status(kind, namespace, name, decision.status)
             target = replace(target, attempt=attempt + 1)
             self._apply(target, workload_suspended=None, present=set())
-            self._delete_other_attempts(target, workloads)
+            self._delete_other_attempts(namespace, target.attempt, workloads)
             restarting = lifecycle.find_condition(decision.status["conditions"], "Restarting")
             self.metrics.restarts.labels(kind, (restarting or {}).get("reason", "Unknown")).inc()
         else:
@@ -157,7 +164,9 @@ class Reconciler:
                 self._apply(
                     target, workload_suspended=None, observed_workload=current, present=present
                 )
-                self._delete_other_attempts(target, workloads)
+            # whatever the decision: an operator killed between a restart's create and delete
+            # leaves the earlier attempt's Job, and the new attempt may have finished since
+            self._delete_other_attempts(namespace, attempt, workloads)
             if decision.status != status:
                 self._patch_status(kind, namespace, name, decision.status)
         for type_, reason, message in decision.events:
@@ -305,13 +314,13 @@ class Reconciler:
                 self.cache.wrote(applied)
 
     def _delete_other_attempts(
-        self, target: TrainingTarget, workloads: list[dict[str, Any]]
+        self, namespace: str, attempt: int, workloads: list[dict[str, Any]]
     ) -> None:
         for workload in workloads:
             labels = workload["metadata"].get("labels") or {}
-            if labels.get(LABEL_ATTEMPT) != str(target.attempt):
-                self.kube.delete("Job", target.namespace, workload["metadata"]["name"])
-                self.cache.deleted("Job", target.namespace, workload["metadata"]["name"])
+            if labels.get(LABEL_ATTEMPT) != str(attempt):
+                self.kube.delete("Job", namespace, workload["metadata"]["name"])
+                self.cache.deleted("Job", namespace, workload["metadata"]["name"])
 
 
 def gpus_requested(spec: TrainingJobSpec) -> int:
