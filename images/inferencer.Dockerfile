@@ -1,15 +1,16 @@
-# The serving runtime: CUDA + torch + the OpenAI-compatible server (extras `train`, `serve`).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/lmforge
-ENV PATH=/opt/lmforge/bin:$PATH
+# The serving runtime: vLLM's CUDA image (engine, torch, CUDA) plus lmforge, whose
+# `lmforge serve` supervises the engine, keeps adapters loaded and answers /ready.
+# lmforge is installed with its base dependencies only (no training stack); its vLLM
+# plugin registers through the `vllm.general_plugins` entry point.
+FROM vllm/vllm-openai:v0.33.0
 WORKDIR /src
 COPY pyproject.toml setup.py README.md requirements.lock ./
 COPY lmforge lmforge
 COPY operator operator
 COPY trainer trainer
-RUN pip install --no-cache-dir -c requirements.lock ".[train,serve]" && rm -rf /src
+RUN python3 -m pip install --no-cache-dir -c requirements.lock . && rm -rf /src
+WORKDIR /
 USER 1000:1000
 EXPOSE 8000
-ENTRYPOINT ["python", "-m", "lmforge.trainer", "serve"]
+ENTRYPOINT ["lmforge", "serve"]
+CMD ["--config", "/etc/lmforge/serving.json"]

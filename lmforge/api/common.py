@@ -126,6 +126,7 @@ DataFormat = Literal[
     "kto",
     "prompt",
 ]
+TextSplit = Literal["paragraph", "line", "file"]
 
 
 class DataSource(ApiModel):
@@ -133,7 +134,8 @@ class DataSource(ApiModel):
 
     uri: str = field_(
         "Data location: hf://org/name, pvc://claim/path, s3://bucket/key, or a local path "
-        "(relative to the YAML file) for `lmforge run`. A directory takes all its .json/.jsonl.",
+        "(relative to the YAML file) for `lmforge run`. Files: .jsonl, .json, .txt, .parquet, "
+        ".csv, .arrow; a directory takes all of those under it.",
         min_length=1,
         max_length=2048,
         pattern=DATA_URI,
@@ -148,7 +150,25 @@ class DataSource(ApiModel):
     weight: float = field_(
         "Relative sampling weight when several sources are mixed.", 1.0, gt=0, le=1000
     )
-    split: str = field_("Split to read from hub datasets.", "train", min_length=1, max_length=64)
+    split: str = field_(
+        "Split to read from hub datasets (and local .parquet/.csv/.arrow folders read as hf://).",
+        "train",
+        min_length=1,
+        max_length=64,
+    )
+    subset: str | None = field_(
+        "Subset (configuration name) of a hub dataset that has several, e.g. 'en' of a "
+        "multilingual corpus.",
+        None,
+        min_length=1,
+        max_length=128,
+    )
+    text_split: TextSplit = field_(
+        "How a plain-text (.txt) file is split into documents: paragraph (documents are "
+        "separated by blank lines), line (one document per line, as in C4-style dumps) or file "
+        "(the whole file is one document).",
+        "paragraph",
+    )
 
 
 class EvalSplit(ApiModel):
@@ -173,7 +193,10 @@ class DatasetSpec(ApiModel):
     )
     eval_split: EvalSplit = object_field(EvalSplit, "Held-out evaluation data.")
     max_seq_length: int = field_(
-        "Maximum tokens per training sequence; longer records are truncated.",
+        "Maximum tokens per training sequence. Chat and instruction records longer than this "
+        "are truncated (and dropped when no answer token is left); for continued pretraining "
+        "the documents are joined with EOS and cut into blocks of this length, so nothing is "
+        "truncated.",
         2048,
         ge=16,
         le=1048576,
@@ -183,6 +206,12 @@ class DatasetSpec(ApiModel):
     )
     train_on_prompt: bool = field_(
         "Also compute the loss on prompt/user tokens, not only on assistant tokens.", False
+    )
+    keep_partial_block: bool = field_(
+        "Continued pretraining: keep the last block of the token stream when it is shorter than "
+        "maxSeqLength (false drops it, as most pretraining codebases do). data-stats.json "
+        "reports which happened.",
+        True,
     )
 
 

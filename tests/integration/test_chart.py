@@ -214,6 +214,9 @@ MUST = [
     ("create", "persistentvolumeclaims", "job"),
     ("create", "rolebindings.rbac.authorization.k8s.io", "job"),
     ("create", "events", "job"),
+    ("patch", "deployments.apps", "job"),  # InferenceService replicas
+    ("watch", "deployments.apps", "job"),
+    ("delete", "horizontalpodautoscalers.autoscaling", "job"),
     ("create", "leases.coordination.k8s.io", SYSTEM),
     ("update", "leases.coordination.k8s.io/lmforge-operator", SYSTEM),
 ]
@@ -233,7 +236,8 @@ MUST_NOT = [
     ("update", "pods", "job"),
     ("delete", "configmaps", "job"),
     ("delete", "persistentvolumeclaims", "job"),
-    ("patch", "deployments.apps", "job"),
+    ("delete", "deployments.apps", "job"),
+    ("patch", "statefulsets.apps", "job"),
     ("update", "leases.coordination.k8s.io/kube-scheduler", SYSTEM),
     ("create", "leases.coordination.k8s.io", "job"),
     ("escalate", "roles.rbac.authorization.k8s.io", "job"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -763,3 +764,342 @@ def test_prompt_for_generation_matches_training(tokenizer: Any, template: str | 
     assert record["input_ids"][: len(prompt)] == prompt
     # The first trained token comes right after the prompt of the last turn.
     assert record["labels"][len(prompt)] != -100
+
+
+# ---------------------------------------------------------------- content parts
+
+
+def test_openai_content_parts_are_joined_text(tmp_path: Path) -> None:
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 2?"}]
+    write_jsonl(
+        tmp_path / "parts.jsonl",
+        [{"messages": [{"role": "user", "content": parts}, assistant_parts("4")]}],
+    )
+    for data_format in ("auto", "openai", "conversation"):
+        (example,) = load_source(DataSource(uri="parts.jsonl", format=data_format), tmp_path)
+        assert example.messages == (user("What is\n2 + 2?"), assistant("4"))
+
+
+def assistant_parts(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def test_non_text_content_parts_are_rejected_by_type(tmp_path: Path) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}
+    write_jsonl(
+        tmp_path / "image.jsonl",
+        [
+            {"messages": [{"role": "user", "content": [image]}, assistant("a cat")]},
+            {"conversations": [{"from": "human", "value": [{"text": "no type"}]}]},
+        ],
+    )
+    with pytest.raises(DataError) as err:
+        load_source(DataSource(uri="image.jsonl", format="openai"), tmp_path)
+    message = str(err.value)
+    assert (
+        "image.jsonl:line 1: field 'messages[0].content[0].type': 'image_url' parts are not "
+        "supported; only text parts are" in message
+    )
+    with pytest.raises(DataError, match=r"conversations\[0\]\.value\[0\]': must be a content"):
+        load_source(DataSource(uri="image.jsonl", format="sharegpt"), tmp_path)
+
+
+# ---------------------------------------------------------------- plain text documents
+
+
+@pytest.mark.parametrize(
+    ("split", "texts"),
+    [
+        ("paragraph", ["a\nb", "c", "d"]),
+        ("line", ["a", "b", "c", "d"]),
+        ("file", ["a\nb\n\nc\n\n\nd"]),
+    ],
+)
+def test_text_split_options(tmp_path: Path, split: str, texts: list[str]) -> None:
+    (tmp_path / "corpus.txt").write_text("a\nb\n\nc\n\n\nd\n")
+    examples = load_source(DataSource(uri="corpus.txt", text_split=split), tmp_path)
+    assert [e.text for e in examples] == texts
+
+
+def test_tabular_files_are_read(tmp_path: Path) -> None:
+    import datasets
+
+    rows = {"instruction": ["2 + 2?", "3 + 3?"], "output": ["4", "6"]}
+    table = datasets.Dataset.from_dict(rows)
+    table.to_parquet(str(tmp_path / "t.parquet"))
+    table.to_csv(str(tmp_path / "t.csv"), index=False)
+    table.save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    for uri in ("t.parquet", "t.csv", str(arrow)):
+        examples = load_source(DataSource(uri=uri), tmp_path)
+        assert [e.messages for e in examples] == [
+            (user("2 + 2?"), assistant("4")),
+            (user("3 + 3?"), assistant("6")),
+        ], uri
+    bad = datasets.Dataset.from_dict({"instruction": ["q"], "answer": ["a"]})
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad\.parquet:record 0: cannot detect the format"):
+        load_source(DataSource(uri="bad.parquet"), tmp_path)
+
+
+# ---------------------------------------------------------------- prepare_data
+
+
+def prepare(
+    tmp_path: Path,
+    tokenizer: Any,
+    *,
+    pretraining: bool = False,
+    template: str | None = None,
+    **spec: Any,
+) -> Any:
+    from lmforge.trainer.data import prepare_data
+
+    return prepare_data(
+        DatasetSpec(**spec),
+        tokenizer,
+        chat_template=template,
+        continued_pretraining=pretraining,
+        base_dir=tmp_path,
+        seed=0,
+        cache_dir=tmp_path / "cache",
+    )
+
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "rivers",
+    "flow",
+    "to",
+    "sea",
+    "hello",
+    "there",
+    "how",
+    "are",
+    "you",
+]
+
+
+def _documents(count: int) -> list[str]:
+    """Documents of different lengths (tens to hundreds of words)."""
+    return [
+        " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(20 + (i * 37) % 300))
+        for i in range(count)
+    ]
+
+
+def _corpus_tokens(tokenizer: Any, documents: list[str]) -> int:
+    """Tokens of every document on its own, with its EOS: what pretraining must keep."""
+    return sum(len(tokenizer(doc)["input_ids"]) + 1 for doc in documents)
+
+
+@pytest.mark.parametrize("layout", ["txt", "jsonl"])
+def test_continued_pretraining_keeps_the_corpus(
+    tmp_path: Path, tokenizer: Any, layout: str
+) -> None:
+    documents = _documents(30)
+    if layout == "txt":
+        (tmp_path / "corpus.txt").write_text("\n\n".join(documents) + "\n")
+    else:
+        write_jsonl(tmp_path / "corpus.jsonl", [{"text": doc} for doc in documents])
+    data = prepare(
+        tmp_path,
+        tokenizer,
+        pretraining=True,
+        sources=[DataSource(uri=f"corpus.{layout}")],
+        max_seq_length=256,
+    )
+    stats = data.stats["train"]
+    corpus = _corpus_tokens(tokenizer, documents)
+    assert stats["documents"] == 30
+    assert stats["tokens_in"] == corpus
+    assert stats["tokens_trained"] >= 0.99 * corpus
+    assert stats["blocks"] == len(data.train) == -(-corpus // 256)
+    assert all(
+        len(block["input_ids"]) == 256 for block in data.train.select(range(len(data.train) - 1))
+    )
+    assert stats["partial_block"] == "kept"
+    # Documents follow one another, each ending with EOS.
+    stream = [t for block in data.train for t in block["input_ids"]]
+    assert stream.count(tokenizer.eos_token_id) == 30
+    assert data.metrics()["data_blocks"] == stats["blocks"]
+
+
+def test_partial_last_block_can_be_dropped(tmp_path: Path, tokenizer: Any) -> None:
+    write_jsonl(tmp_path / "corpus.jsonl", [{"text": doc} for doc in _documents(5)])
+    data = prepare(
+        tmp_path,
+        tokenizer,
+        pretraining=True,
+        sources=[DataSource(uri="corpus.jsonl")],
+        max_seq_length=64,
+        keep_partial_block=False,
+    )
+    stats = data.stats["train"]
+    assert stats["partial_block"] == "dropped"
+    assert all(len(block["input_ids"]) == 64 for block in data.train)
+    assert stats["tokens"] == 64 * stats["blocks"] < stats["tokens_in"]
+    with pytest.raises(DataError, match="is shorter than one block of maxSeqLength 4,096"):
+        prepare(
+            tmp_path,
+            tokenizer,
+            pretraining=True,
+            sources=[DataSource(uri="corpus.jsonl")],
+            max_seq_length=4096,
+            keep_partial_block=False,
+        )
+
+
+def _long_prompts(path: Path, count: int, long: int) -> None:
+    """`long` conversations whose prompt alone is far over 32 tokens, then short ones."""
+    records = []
+    for i in range(count):
+        prompt = "Hello there " * (40 if i < long else 1)
+        records.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": prompt},
+                    {"from": "gpt", "value": f"Paris {i}."},
+                ]
+            }
+        )
+    write_jsonl(path, records)
+
+
+def test_drops_and_truncation_are_warned_with_cause_and_fix(tmp_path: Path, tokenizer: Any) -> None:
+    _long_prompts(tmp_path / "chats.jsonl", 10, 3)
+    template = NAMED_TEMPLATES["chatml"]
+    data = prepare(
+        tmp_path,
+        tokenizer,
+        template=template,
+        sources=[DataSource(uri="chats.jsonl")],
+        max_seq_length=32,
+    )
+    stats = data.stats["train"]
+    long_prompt = Example(messages=(user("Hello there " * 40), assistant("Paris 0.")))
+    (encoded,) = [
+        tokenize_examples(
+            [long_prompt],
+            tokenizer,
+            chat_template=template,
+            max_seq_length=10_000,
+            train_on_prompt=False,
+            packing=False,
+        ).records
+    ]
+    prompt_tokens = encoded[0]["labels"].index(next(x for x in encoded[0]["labels"] if x != -100))
+    assert stats["dropped"] == 3 and stats["truncated"] == 3 and stats["records"] == 7
+    assert len(data.train) == 7
+    assert data.warnings[0] == (
+        f"3 of 10 training records have no assistant tokens within maxSeqLength 32; "
+        f"the longest prompt is {prompt_tokens:,} tokens; raise dataset.maxSeqLength"
+    )
+    assert data.warnings[1].startswith("3 of 10 training records are longer than maxSeqLength 32")
+    assert "3 dropped, 3 truncated at maxSeqLength 32" in data.summary
+    assert data.stats["summary"] == data.summary and data.stats["warnings"] == data.warnings
+    assert data.metrics()["data_dropped"] == 3
+
+
+def test_nothing_left_to_train_fails_with_the_summary(tmp_path: Path, tokenizer: Any) -> None:
+    _long_prompts(tmp_path / "chats.jsonl", 4, 4)
+    with pytest.raises(DataError) as err:
+        prepare(
+            tmp_path,
+            tokenizer,
+            template=NAMED_TEMPLATES["chatml"],
+            sources=[DataSource(uri="chats.jsonl")],
+            max_seq_length=32,
+        )
+    message = str(err.value)
+    assert "no record is left to train on (4 training examples -> 0 records" in message
+    assert "4 of 4 training records have no assistant tokens within maxSeqLength 32" in message
+
+
+def test_prepared_records_match_in_memory_tokenization(tmp_path: Path, tokenizer: Any) -> None:
+    template = NAMED_TEMPLATES["chatml"]
+    source = DataSource(uri=str(FIXTURES / "sharegpt.jsonl"))
+    data = prepare(tmp_path, tokenizer, template=template, sources=[source], max_seq_length=512)
+    examples = load_source(source, tmp_path)
+    expected = tokenize_examples(
+        examples,
+        tokenizer,
+        chat_template=template,
+        max_seq_length=512,
+        train_on_prompt=False,
+        packing=False,
+    )
+    assert sorted(map(str, (dict(r) for r in data.train))) == sorted(
+        str({"input_ids": r["input_ids"], "labels": r["labels"]}) for r in expected.records
+    )
+    for key in ("records", "tokens", "trainable_tokens", "dropped", "truncated"):
+        assert data.stats["train"][key] == expected.stats[key], key
+
+
+def test_prepared_hold_out_and_weights_match_load_examples(tmp_path: Path, tokenizer: Any) -> None:
+    a = _numbered_source(tmp_path, "a.jsonl", 16)
+    b = _numbered_source(tmp_path, "b.jsonl", 4)
+    spec = {
+        "sources": [DataSource(uri=a, weight=2.5), DataSource(uri=b, weight=0.5)],
+        "eval_split": EvalSplit(fraction=0.25),
+    }
+    train, evaluation = load_examples(DatasetSpec(**spec), tmp_path, seed=0)
+    data = prepare(tmp_path, tokenizer, **spec)
+    assert sorted(e.text for e in data.eval_examples) == sorted(e.text for e in evaluation)
+    texts = Counter(tokenizer.decode(r["input_ids"], skip_special_tokens=True) for r in data.train)
+    assert texts == Counter(e.text for e in train)
+    assert [(s["examples"], s["in_training"]) for s in data.stats["sources"]] == [
+        (16, sum(e.text.startswith("a") for e in train)),
+        (4, sum(e.text.startswith("b") for e in train)),
+    ]
+
+
+def test_prepared_problems_keep_file_line_and_field(tmp_path: Path, tokenizer: Any) -> None:
+    with pytest.raises(DataError) as err:
+        prepare(tmp_path, tokenizer, sources=[DataSource(uri=str(FIXTURES / "malformed"))])
+    assert ("line 2", "output") in {(p.location, p.field) for p in err.value.problems}
+    assert "malformed/alpaca.jsonl:line 3: field 'instruction': must be a string" in str(err.value)
+
+
+def test_validate_data_previews_without_training(
+    tmp_path: Path, tokenizer: Any, capsys: Any
+) -> None:
+    import yaml
+
+    from lmforge.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "model")
+    _long_prompts(tmp_path / "chats.jsonl", 10, 3)
+    job = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "FinetuneJob",
+        "metadata": {"name": "preview"},
+        "spec": {
+            "model": {"source": "file://model", "chatTemplate": "chatml"},
+            "dataset": {"sources": [{"uri": "chats.jsonl"}], "maxSeqLength": 32},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["validate", "--data", "--samples", "2", str(tmp_path / "job.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "chats.jsonl: 10 valid records, weight 1 -> 10 in training" in out
+    assert "record lengths before maxSeqLength 32: p50" in out
+    assert "10 training examples -> 7 records" in out
+    assert (
+        "warning: 3 of 10 training records have no assistant tokens within maxSeqLength 32" in out
+    )
+    assert out.count("--- record") == 2
+    assert re.search(r"\n  \[\[Paris \d\.<\|im_end\|></s>\]\]\n", out)  # trained tokens
+    assert not (tmp_path / "lmforge-runs").exists()
+
+    job["spec"]["dataset"]["sources"] = [{"uri": "missing.jsonl"}]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["validate", "--data", str(tmp_path / "job.yaml")]) == 1
+    assert "no such file or directory" in capsys.readouterr().err

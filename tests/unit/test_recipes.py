@@ -24,3 +24,10 @@ def test_finetune_jobs_run_the_sft_recipe_and_alignment_jobs_their_family() -> N
     assert recipe_family(resolve_run_config(ftj, models={"model": "m"}, output="o")) == "sft"
     config = resolve_run_config(alj, models={"model": "m"}, output="o")
     assert recipe_family(config) == "preference"  # dpo
+
+
+def test_our_own_online_recipes_have_their_own_families() -> None:
+    # TRL runs grpo/rloo ("online"); raft and ppo are our own loops, one file each
+    assert METHOD_FAMILIES["raft"] == "raft" and METHOD_FAMILIES["ppo"] == "ppo"
+    assert RECIPES["ppo"] == "lmforge.trainer.recipes.ppo"
+    assert RECIPES["raft"] == "lmforge.trainer.recipes.raft"

@@ -60,7 +60,10 @@ tests/unit/test_chart.py and tests/integration/test_chart.py check them):
   Jobs, Pods and the trainers' report ConfigMaps watched; report ConfigMaps and
   input PVCs read (get), which is also what lets it grant a trainer get/patch on its
   own report ConfigMap (RBAC forbids granting rights one does not hold);
-- Events created on the jobs.
+- Events created on the jobs;
+- serving: server-side apply of Deployments and HorizontalPodAutoscalers (an HPA no longer
+  wanted is listed and deleted), Deployments watched; the replicas' report ConfigMap read
+  and cleaned with a merge patch (granted to replicas the same way as to trainers).
 No Secrets, no pods/exec, no writes to Pods, nothing cluster-scoped.
 */}}
 {{- define "lmforge.rules" -}}
@@ -94,4 +97,10 @@ No Secrets, no pods/exec, no writes to Pods, nothing cluster-scoped.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch, create, patch]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [list, create, patch, delete]
 {{- end -}}

@@ -34,6 +34,8 @@ _PATHS = {
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 _PATHS |= {kind: (f"/apis/{GROUP}/{VERSION}", cls.plural) for kind, cls in KINDS.items()}
@@ -123,6 +125,14 @@ class Kube:
             "PATCH",
             object_path(kind, namespace, name) + "/status",
             body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.request(
+            "PATCH",
+            object_path(kind, namespace, name),
+            body=patch,
             content_type="application/merge-patch+json",
         )
 

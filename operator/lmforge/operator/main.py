@@ -32,6 +32,7 @@ from lmforge.operator.kube import Kube
 from lmforge.operator.leader import LeaderElection
 from lmforge.operator.metrics import OperatorMetrics, serve
 from lmforge.operator.ownership import LABEL_KIND, LABEL_NAME
+from lmforge.operator.serving.reconcile import ServingReconciler
 from lmforge.operator.settings import OperatorSettings
 from lmforge.operator.training.reconcile import Reconciler
 
@@ -40,11 +41,35 @@ from lmforge.api.kinds import KINDS, TRAINING_KINDS
 
 log = logging.getLogger("lmforge.operator")
 
-# Kinds whose workloads the operator runs: every training kind through one reconciler.
-MANAGED_KINDS = TRAINING_KINDS
+# The table of reconcilers: every training kind through one, InferenceService through another.
+RECONCILERS: dict[str, type[Reconciler] | type[ServingReconciler]] = {
+    **dict.fromkeys(TRAINING_KINDS, Reconciler),
+    "InferenceService": ServingReconciler,
+}
+MANAGED_KINDS = tuple(RECONCILERS)
 
 
-def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegistry:
+class Dispatch:
+    """One reconciler instance per reconciler class, looked up by kind."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics) -> None:
+        instances: dict[type[Any], Any] = {}
+        self.by_kind: dict[str, Reconciler | ServingReconciler] = {}
+        self.cache = ClusterCache()  # the training reconciler's reads (kopf indexes)
+        for kind, cls in RECONCILERS.items():
+            if cls not in instances:
+                extra = (self.cache,) if cls is Reconciler else ()
+                instances[cls] = cls(kube, settings, metrics, *extra)
+            self.by_kind[kind] = instances[cls]
+
+    def reconcile(self, kind: str, namespace: str, name: str) -> None:
+        self.by_kind[kind].reconcile(kind, namespace, name)
+
+    def note_disruption(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
+        self.by_kind[kind].note_disruption(kind, namespace, name, pod)
+
+
+def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegistry:
     """A kopf registry whose handlers all funnel into `reconciler`."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
@@ -103,7 +128,9 @@ def register(reconciler: Reconciler, resync_seconds: float) -> kopf.OperatorRegi
     selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
     kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)(on_child_event)
     kopf.on.event("", "v1", "pods", labels=selector, registry=registry)(on_child_event)
-    # the report ConfigMaps (progress, checkpoints) the trainers write
+    # Serving: Deployment readiness.
+    kopf.on.event("apps", "v1", "deployments", labels=selector, registry=registry)(on_child_event)
+    # the report ConfigMaps: progress and checkpoints of trainers, adapter state of replicas
     kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)(on_child_event)
     return registry
 
@@ -173,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         help="namespace of the leader-election Lease",
     )
     parser.add_argument("--trainer-image", default=OperatorSettings.trainer_image)
+    parser.add_argument("--inferencer-image", default=OperatorSettings.inferencer_image)
     parser.add_argument("--resync-seconds", type=float, default=10)
     parser.add_argument("--log-format", choices=["json", "plain"], default="json")
     args = parser.parse_args(argv)
@@ -201,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     election.wait_until_leader()
     metrics.leader.set(1)
 
-    reconciler = Reconciler(
-        kube, OperatorSettings(trainer_image=args.trainer_image), metrics, ClusterCache()
+    settings = OperatorSettings(
+        trainer_image=args.trainer_image, inferencer_image=args.inferencer_image
     )
+    reconciler = Dispatch(kube, settings, metrics)
     registry = register(reconciler, args.resync_seconds)
     kopf.on.startup(registry=registry)(configure_kopf)
 

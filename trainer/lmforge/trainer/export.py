@@ -65,10 +65,11 @@ def save_start_model(model: Any, tokenizer: Any, out: Path) -> Path:
 def save_merged(base_path: str, adapter_dir: Path, tokenizer: Any, out: Path) -> Path:
     """`merged/`: the adapter folded into a freshly loaded full-precision base."""
     import torch
+    from lmforge.trainer.model import load_pretrained
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = load_pretrained(AutoModelForCausalLM, base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     staged = out / ".merged.tmp"
     shutil.rmtree(staged, ignore_errors=True)
@@ -87,12 +88,13 @@ def write_model_card(config: RunConfig, final: Path, metrics: dict[str, Any]) ->
     """README.md with Hugging Face metadata, so hubs and people know what this is."""
     spec = config.spec
     is_adapter = output_kind(config) == "adapter"
+    is_reward_model = output_kind(config) == "reward-model"
     sources = [s.uri for s in spec.dataset.sources]
     shown = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     front = {
         "base_model": config.paths.model,
         "library_name": "peft" if is_adapter else "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "text-classification" if is_reward_model else "text-generation",
         "tags": ["lmforge", spec.objective, spec.tuning.type],
     }
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
@@ -125,6 +127,11 @@ def write_model_card(config: RunConfig, final: Path, metrics: dict[str, Any]) ->
         lines += [
             "from peft import AutoPeftModelForCausalLM",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{final}")',
+        ]
+    elif is_reward_model:  # one scalar score per text (rewards.reward_text renders it)
+        lines += [
+            "from transformers import AutoModelForSequenceClassification",
+            f'model = AutoModelForSequenceClassification.from_pretrained("{final}")',
         ]
     else:
         lines += [

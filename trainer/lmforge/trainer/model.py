@@ -83,11 +83,12 @@ def load_model(
             config.max_position_embeddings * training.rope_scaling.factor
         )
         kwargs["config"] = config
-    base = adapter_base(path)
-    if base is None:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    else:
-        model = _merged_adapter(path, base, method, kwargs)
+    if method.type == "qlora" and adapter_base(path) is not None:
+        raise MethodError(
+            f"model {path} is an adapter; qlora cannot merge it into a quantized base. Export the "
+            "earlier job merged (method.mergeOnExport) and start from merged/, or use lora"
+        )
+    model = load_pretrained(AutoModelForCausalLM, path, **kwargs)
     if training.gradient_checkpointing:
         model.config.use_cache = False
     return model
@@ -104,19 +105,21 @@ def adapter_base(path: str) -> str | None:
     return str(base)
 
 
-def _merged_adapter(path: str, base: str, method: TuningMethod, kwargs: dict[str, Any]) -> Any:
-    """A model that starts from an adapter (a fromJob of a LoRA job): its base with the adapter
-    merged in, so the new method trains on top of what the adapter learned."""
-    if method.type == "qlora":
-        raise MethodError(
-            f"model {path} is an adapter; qlora cannot merge it into a quantized base. Export the "
-            "earlier job merged (method.mergeOnExport) and start from merged/, or use lora"
-        )
-    from peft import PeftModel
+def load_pretrained(auto_class: Any, path: str, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained(path)`, also when `path` is an adapter directory (the final/
+    of a LoRA job): the adapter is then merged into its base, so the next job starts from
+    plain weights (and can put its own adapter, or a reward head, on top)."""
+    if not (Path(path) / "adapter_config.json").is_file() or "quantization_config" in kwargs:
+        return auto_class.from_pretrained(path, **kwargs)
+    from peft import PeftConfig, PeftModel
 
-    log.info("model %s is an adapter: merging it into its base %s", path, base)
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+    adapter = PeftConfig.from_pretrained(path)
+    log.info(
+        "model %s is an adapter: merging it into its base %s", path, adapter.base_model_name_or_path
+    )
+    base = auto_class.from_pretrained(adapter.base_model_name_or_path, **kwargs)
+    adapter.task_type = None  # merge only: works under any head (e.g. a reward model's)
+    return PeftModel.from_pretrained(base, path, config=adapter).merge_and_unload()
 
 
 def _bitsandbytes_config(method: TuningMethod) -> Any:
@@ -175,9 +178,11 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> list[str] | st
 # ---------------------------------------------------------------- PEFT
 
 
-def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int) -> nn.Module:
+def apply_method(
+    model: PreTrainedModel, method: TuningMethod, total_steps: int, task_type: str = "CAUSAL_LM"
+) -> nn.Module:
     """Wrap the model for the tuning method; full and lisa train the model itself."""
-    config = peft_config(model, method, total_steps)
+    config = peft_config(model, method, total_steps, task_type)
     if config is None:
         return model
     import peft
@@ -187,9 +192,12 @@ def apply_method(model: PreTrainedModel, method: TuningMethod, total_steps: int)
     return peft.get_peft_model(model, config)
 
 
-def peft_config(model: PreTrainedModel, method: TuningMethod, total_steps: int) -> Any:
-    """The PEFT config of the tuning method (None for full and lisa), checked against the model;
-    TRL's trainers take it as `peft_config` and wrap the model themselves."""
+def peft_config(
+    model: PreTrainedModel, method: TuningMethod, total_steps: int, task_type: str = "CAUSAL_LM"
+) -> Any:
+    """The PEFT config of the tuning method (None for full and lisa). `task_type` SEQ_CLS
+    (reward models) also trains the new score head; TRL trainers take the config as
+    `peft_config` and keep the base model as their reference."""
     if method.type in ("full", "lisa"):
         return None
     import peft
@@ -205,7 +213,7 @@ def peft_config(model: PreTrainedModel, method: TuningMethod, total_steps: int) 
             lora_dropout=lora.dropout,
             target_modules=targets,
             use_dora=method.type == "dora",
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "adalora":
         config = peft.AdaLoraConfig(
@@ -217,7 +225,7 @@ def peft_config(model: PreTrainedModel, method: TuningMethod, total_steps: int) 
             total_step=max(total_steps, 2),
             tinit=0,
             tfinal=0,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "ia3":
         ia3_targets = None if targets == "all-linear" else targets
@@ -227,17 +235,17 @@ def peft_config(model: PreTrainedModel, method: TuningMethod, total_steps: int) 
         config = peft.IA3Config(
             target_modules=ia3_targets,
             feedforward_modules=ffn,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "prefix-tuning":
         config = peft.PrefixTuningConfig(
             num_virtual_tokens=method.virtual_tokens.num_virtual_tokens,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     elif method.type == "prompt-tuning":
         config = peft.PromptTuningConfig(
             num_virtual_tokens=method.virtual_tokens.num_virtual_tokens,
-            task_type=peft.TaskType.CAUSAL_LM,
+            task_type=task_type,
         )
     else:  # pragma: no cover - the API enum is exhaustive
         raise MethodError(f"method.type {method.type} is not supported")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,8 @@ class Example:
       assistant turns that follow it.
     - kto: `messages` is the prompt, `chosen` the completion and `label` whether it is
       desirable.
-    - prompt: `messages` is the prompt only (the answer is generated).
+    - prompt: `messages` is the prompt only (the answer is generated); `columns` holds the
+      record's other top-level fields (e.g. a reference `answer` that rewards compare with).
     """
 
     text: str | None = None
@@ -28,6 +31,7 @@ class Example:
     chosen: tuple[dict[str, str], ...] = ()
     rejected: tuple[dict[str, str], ...] = ()
     label: bool | None = None
+    columns: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     origin: str = ""
 
     @property

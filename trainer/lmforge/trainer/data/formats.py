@@ -88,6 +88,38 @@ def _string(
     return value
 
 
+def _content(
+    check: RecordCheck, item: dict[str, Any], key: str, non_empty: bool, field: str
+) -> str | None:
+    """A message's content: a string, or OpenAI content parts [{"type": "text", "text"}].
+
+    Text parts are joined with newlines; other part types (images, audio, files) cannot be
+    trained on by a text model and are reported with their type.
+    """
+    parts = item.get(key)
+    if not isinstance(parts, list):
+        return _string(check, item, key, non_empty=non_empty, field=field)
+    texts: list[str] = []
+    for i, part in enumerate(parts):
+        where = f"{field}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or "type" not in part:
+            check.problem(where, 'must be a content part {"type": "text", "text": ...}')
+        elif kind != "text":
+            check.problem(f"{where}.type", f"{kind!r} parts are not supported; only text parts are")
+        else:
+            text = _string(check, part, "text", non_empty=False, field=f"{where}.text")
+            if text is not None:
+                texts.append(text)
+    if len(texts) != len(parts):
+        return None
+    content = "\n".join(texts)
+    if non_empty and not content.strip():
+        check.problem(field, "must not be empty")
+        return None
+    return content
+
+
 def _messages(
     check: RecordCheck,
     value: Any,
@@ -122,9 +154,7 @@ def _messages(
         elif role == "system" and i > 0:
             check.problem(f"{where}.{role_key}", "a system message may only come first")
             role = None
-        content = _string(
-            check, item, content_key, non_empty=role != "tool", field=f"{where}.{content_key}"
-        )
+        content = _content(check, item, content_key, role != "tool", f"{where}.{content_key}")
         if role is None or content is None:
             ok = False
             continue
@@ -452,6 +482,10 @@ def parse_kto(record: dict[str, Any], check: RecordCheck) -> Example | None:
     return Example(messages=tuple(prompt), chosen=tuple(completion), label=label)
 
 
+# Keys a prompt record is made of; any other key is a column (a reference answer, ...).
+PROMPT_RECORD_KEYS = ("prompt", "messages", "system", "tools")
+
+
 def parse_prompt(record: dict[str, Any], check: RecordCheck) -> Example | None:
     """Prompts only (answers are generated): {"prompt": "..."} or {"messages": [...]}."""
     if "prompt" in record:
@@ -464,7 +498,15 @@ def parse_prompt(record: dict[str, Any], check: RecordCheck) -> Example | None:
     if messages is None:
         return None
     messages = _with_system(check, record, messages)
-    return Example(messages=tuple(messages), tools=_tools(check, record.get("tools"), "tools"))
+    # the record's other scalar fields (reference answers for verifiable rewards)
+    columns = {
+        k: v
+        for k, v in record.items()
+        if k not in PROMPT_RECORD_KEYS and (v is None or isinstance(v, str | int | float | bool))
+    }
+    return Example(
+        messages=tuple(messages), tools=_tools(check, record.get("tools"), "tools"), columns=columns
+    )
 
 
 PARSERS: dict[str, Callable[[dict[str, Any], RecordCheck], Example | None]] = {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ from lmforge.trainer.data.formats import (
 
 from lmforge.api.common import DatasetSpec, DataSource
 
-DATA_SUFFIXES = (".json", ".jsonl")
+TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
+DATA_SUFFIXES = (".json", ".jsonl", ".txt", *TABLE_SUFFIXES)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # (location for problems, origin for the Example, the raw record)
@@ -102,9 +106,21 @@ def _hold_out(
 
 def _read_source(source: DataSource, base_dir: Path, problems: list[DataProblem]) -> list[Example]:
     """Parse one source, appending its problems instead of raising."""
+    return list(iter_source(source, base_dir, problems))
+
+
+def iter_source(
+    source: DataSource, base_dir: Path, problems: list[DataProblem]
+) -> Iterator[Example]:
+    """The examples of one source, one at a time (files are streamed, never held whole).
+
+    Problems are appended to `problems` instead of raised, each file's in file order once the
+    file has been read, so that one pass lists everything wrong with the data.
+    """
     uri = source.uri
     if uri.startswith("hf://"):
-        return _read_hub(source, base_dir, problems)
+        yield from _read_hub(source, base_dir, problems)
+        return
     scheme = _SCHEME.match(uri)
     if scheme and scheme.group(1) != "file":
         problems.append(
@@ -115,23 +131,23 @@ def _read_source(source: DataSource, base_dir: Path, problems: list[DataProblem]
                 f"unsupported scheme {scheme.group(1)}://; use a local path, file://, or hf://",
             )
         )
-        return []
+        return
     path = Path(uri.removeprefix("file://")).expanduser()
     if not path.is_absolute():
         path = base_dir / path
     if not path.exists():
         problems.append(DataProblem(uri, "", "uri", f"no such file or directory: {path}"))
-        return []
+        return
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
         if not files:
-            problems.append(DataProblem(uri, "", "uri", f"directory {path} has no .json/.jsonl"))
+            problems.append(
+                DataProblem(uri, "", "uri", f"directory {path} has no {'/'.join(DATA_SUFFIXES)}")
+            )
     else:
         files = [path]
-    examples: list[Example] = []
     for file in files:
-        examples += _read_file(file, _display_name(file, base_dir), source.format, problems)
-    return examples
+        yield from _read_file(file, _display_name(file, base_dir), source, problems)
 
 
 def _display_name(path: Path, base_dir: Path) -> str:
@@ -143,13 +159,15 @@ def _display_name(path: Path, base_dir: Path) -> str:
 
 
 def _read_file(
-    path: Path, name: str, data_format: str, problems: list[DataProblem]
-) -> list[Example]:
+    path: Path, name: str, source: DataSource, problems: list[DataProblem]
+) -> Iterator[Example]:
     """Parse one file; its problems are appended in the order they appear in the file."""
     found: list[DataProblem] = []
-    examples = _read_file_records(path, name, data_format, found)
+    try:
+        yield from _read_file_records(path, name, source, found)
+    except (OSError, UnicodeDecodeError) as err:
+        found.append(DataProblem(name, "", "", f"cannot be read: {err}"))
     problems += sorted(found, key=_position)
-    return examples
 
 
 def _position(problem: DataProblem) -> int:
@@ -159,68 +177,86 @@ def _position(problem: DataProblem) -> int:
 
 
 def _read_file_records(
-    path: Path, name: str, data_format: str, problems: list[DataProblem]
-) -> list[Example]:
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        problems.append(DataProblem(name, "", "", f"cannot be read: {err}"))
-        return []
+    path: Path, name: str, source: DataSource, problems: list[DataProblem]
+) -> Iterator[Example]:
+    data_format = source.format
     if path.suffix == ".txt":
         if data_format not in ("auto", "text", "text_only"):
             problems.append(
                 DataProblem(name, "", "format", f"a .txt file is plain text, not {data_format}")
             )
-            return []
-        return _read_text(content, name, problems)
-    if path.suffix == ".jsonl":
-        records = _jsonl_records(content, name, problems)
-        return _parse_records(records, name, data_format, None, problems)
-    if path.suffix == ".json":
-        parsed = _json_records(content, name, problems)
-        if parsed is None:
-            return []
-        records, lmflow_type = parsed
-        return _parse_records(records, name, data_format, lmflow_type, problems)
-    problems.append(
-        DataProblem(
-            name, "", "", f"unsupported file type {path.suffix!r}: use .json, .jsonl or .txt"
-        )
-    )
-    return []
-
-
-def _read_text(content: str, name: str, problems: list[DataProblem]) -> list[Example]:
-    """Plain text: one document per blank-line-separated paragraph."""
-    examples: list[Example] = []
-    paragraph: list[str] = []
-    start = 0
-    for number, line in enumerate([*content.splitlines(), ""], start=1):
-        if line.strip():
-            start = start if paragraph else number
-            paragraph.append(line)
-        elif paragraph:
-            examples.append(Example(text="\n".join(paragraph).strip(), origin=f"{name}:{start}"))
-            paragraph = []
-    if not examples:
-        problems.append(DataProblem(name, "", "", "has no text"))
-    return examples
-
-
-def _jsonl_records(content: str, name: str, problems: list[DataProblem]) -> list[RawRecord]:
-    records: list[RawRecord] = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"line {number}", f"{name}:{number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            problems.append(
-                DataProblem(
-                    name, f"line {number}", "", f"not valid JSON: {err.msg} (column {err.colno})"
-                )
+            return
+        yield from _read_text(path, name, source.text_split, problems)
+    elif path.suffix == ".jsonl":
+        records = _jsonl_records(path, name, problems)
+        yield from _parse_records(records, name, data_format, None, problems)
+    elif path.suffix == ".json":
+        parsed = _json_records(path.read_text(encoding="utf-8"), name, problems)
+        if parsed is not None:
+            records, lmflow_type = parsed
+            yield from _parse_records(records, name, data_format, lmflow_type, problems)
+    elif path.suffix in TABLE_SUFFIXES:
+        table = _read_table(path, name, problems)
+        if table is not None:
+            yield from _parse_records(
+                _table_records(table, name), name, data_format, None, problems
             )
-    return records
+    else:
+        problems.append(
+            DataProblem(
+                name,
+                "",
+                "",
+                f"unsupported file type {path.suffix!r}: use {', '.join(DATA_SUFFIXES)}",
+            )
+        )
+
+
+def _read_text(path: Path, name: str, split: str, problems: list[DataProblem]) -> Iterator[Example]:
+    """Plain text split into documents: paragraphs (blank lines), lines, or the whole file."""
+    count = 0
+    with path.open(encoding="utf-8") as lines:
+        if split == "file":
+            text = lines.read().strip()
+            if text:
+                count += 1
+                yield Example(text=text, origin=f"{name}:1")
+        elif split == "line":
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    count += 1
+                    yield Example(text=line.strip(), origin=f"{name}:{number}")
+        else:
+            paragraph: list[str] = []
+            start = 0
+            for number, line in enumerate(chain(lines, [""]), start=1):
+                if line.strip():
+                    start = start if paragraph else number
+                    paragraph.append(line.rstrip("\n"))
+                elif paragraph:
+                    count += 1
+                    yield Example(text="\n".join(paragraph).strip(), origin=f"{name}:{start}")
+                    paragraph = []
+    if not count:
+        problems.append(DataProblem(name, "", "", "has no text"))
+
+
+def _jsonl_records(path: Path, name: str, problems: list[DataProblem]) -> Iterator[RawRecord]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield (f"line {number}", f"{name}:{number}", json.loads(line))
+            except json.JSONDecodeError as err:
+                problems.append(
+                    DataProblem(
+                        name,
+                        f"line {number}",
+                        "",
+                        f"not valid JSON: {err.msg} (column {err.colno})",
+                    )
+                )
 
 
 def _json_records(
@@ -256,7 +292,31 @@ def _json_records(
     return [(f"record {i}", f"{name}[{i}]", record) for i, record in enumerate(data)], lmflow_type
 
 
-def _read_hub(source: DataSource, base_dir: Path, problems: list[DataProblem]) -> list[Example]:
+def _read_table(path: Path, name: str, problems: list[DataProblem]) -> Any:
+    """A .parquet, .csv or .arrow file as a memory-mapped `datasets.Dataset`."""
+    import datasets  # heavy; only needed for tabular files and hub sources
+
+    try:
+        if path.suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path))
+        if path.suffix == ".csv":
+            # Every cell is text: "4" stays the answer "4", an empty cell stays "".
+            with path.open(encoding="utf-8", newline="") as lines:
+                header = next(csv.reader(lines), [])
+            text = datasets.Features({column: datasets.Value("string") for column in header})
+            return datasets.Dataset.from_csv(str(path), features=text, keep_default_na=False)
+        return datasets.Dataset.from_file(str(path))
+    except Exception as err:  # a corrupt or foreign file: the user's to fix
+        problems.append(DataProblem(name, "", "", f"cannot be read as {path.suffix[1:]}: {err}"))
+        return None
+
+
+def _table_records(table: Any, name: str) -> Iterator[RawRecord]:
+    for i, row in enumerate(table):
+        yield (f"record {i}", f"{name}[{i}]", row)
+
+
+def _read_hub(source: DataSource, base_dir: Path, problems: list[DataProblem]) -> Iterator[Example]:
     """A hub dataset hf://org/name[@revision], or a local dataset folder written that way."""
     reference = source.uri.removeprefix("hf://")
     name, _, revision = reference.partition("@")
@@ -265,32 +325,37 @@ def _read_hub(source: DataSource, base_dir: Path, problems: list[DataProblem]) -
 
     try:
         if local.is_dir():
-            table = datasets.load_dataset(str(local), split=source.split)
+            table = datasets.load_dataset(str(local), source.subset, split=source.split)
         else:
-            table = datasets.load_dataset(name, revision=revision or None, split=source.split)
+            table = datasets.load_dataset(
+                name, source.subset, revision=revision or None, split=source.split
+            )
     except Exception as err:  # unreachable hub, unknown dataset or split: all the user's to fix
+        subset = f" of subset {source.subset!r}" if source.subset else ""
         problems.append(
-            DataProblem(source.uri, "", "uri", f"cannot load split {source.split!r}: {err}")
+            DataProblem(source.uri, "", "uri", f"cannot load split {source.split!r}{subset}: {err}")
         )
-        return []
-    records = [(f"record {i}", f"{source.uri}[{i}]", row) for i, row in enumerate(table)]
-    return _parse_records(records, source.uri, source.format, None, problems)
+        return
+    records = ((f"record {i}", f"{source.uri}[{i}]", row) for i, row in enumerate(table))
+    yield from _parse_records(records, source.uri, source.format, None, problems)
 
 
 # ---------------------------------------------------------------- records
 
 
 def _parse_records(
-    records: list[RawRecord],
+    records: Iterable[RawRecord],
     name: str,
     data_format: str,
     lmflow_type: str | None,
     problems: list[DataProblem],
-) -> list[Example]:
+) -> Iterator[Example]:
     """Detect (or check) the format of a file's records and parse all of them."""
-    if not records:
+    stream = iter(records)
+    head = next(stream, None)
+    if head is None:
         problems.append(DataProblem(name, "", "", "has no records"))
-        return []
+        return
     if lmflow_type is not None:
         if lmflow_type not in LMFLOW_TYPES:
             problems.append(
@@ -301,7 +366,7 @@ def _parse_records(
                     f"{lmflow_type!r} is not supported; use one of {', '.join(LMFLOW_TYPES)}",
                 )
             )
-            return []
+            return
         if data_format != "auto" and not formats_agree(data_format, lmflow_type):
             problems.append(
                 DataProblem(
@@ -311,10 +376,10 @@ def _parse_records(
                     f"{lmflow_type!r} contradicts the source's format {data_format!r}",
                 )
             )
-            return []
+            return
         data_format = lmflow_type if data_format == "auto" else data_format
     elif data_format == "auto":
-        location, _, first = records[0]
+        location, _, first = head
         detected = detect_format(first)
         if detected is None:
             seen = f"the keys {sorted(first)}" if isinstance(first, dict) else "a non-object"
@@ -327,15 +392,13 @@ def _parse_records(
                     f"{', '.join(KNOWN_FORMATS)}",
                 )
             )
-            return []
+            return
         data_format = detected
 
-    examples = []
-    for location, origin, record in records:
+    for location, origin, record in chain([head], stream):
         example = parse_record(record, data_format, RecordCheck(name, location, problems))
         if example is not None:
-            examples.append(_with_origin(example, origin))
-    return examples
+            yield _with_origin(example, origin)
 
 
 def _with_origin(example: Example, origin: str) -> Example:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +23,168 @@ class TokenizedData:
     """
 
     records: list[dict[str, list[int]]]
-    stats: dict[str, float | int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    """One example as tokens, and what fitting it into max_seq_length did to it."""
+
+    ids: list[int]
+    labels: list[int]
+    length: int  # tokens before truncation
+    prompt_tokens: int  # tokens before the first trained one (before truncation)
+    truncated: bool
+
+    @property
+    def dropped(self) -> bool:
+        """No trained token is left: the record would only add a 0/0 loss."""
+        return all(label == IGNORE for label in self.labels)
+
+
+def encode_example(
+    example: Example,
+    tokenizer: Any,
+    *,
+    chat_template: str | None,
+    max_seq_length: int | None,
+    train_on_prompt: bool,
+    problems: list[DataProblem],
+) -> Encoded | None:
+    """Token ids and labels of one example, truncated to max_seq_length (None: never).
+
+    None (with a problem appended) when the chat template refuses the conversation.
+    """
+    if example.text is not None:
+        ids, labels = _encode_text(example.text, tokenizer)
+    else:
+        pair = _encode_chat(example, tokenizer, chat_template, train_on_prompt, problems)
+        if pair is None:
+            return None
+        ids, labels = pair
+    # Nothing predicts a record's first token; leaving it unlabelled also keeps a packed
+    # record from being trained to predict the start of the next one.
+    labels[0] = IGNORE
+    length = len(ids)
+    prompt_tokens = next((t for t, label in enumerate(labels) if label != IGNORE), length)
+    truncated = max_seq_length is not None and length > max_seq_length
+    if truncated:
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    return Encoded(ids, labels, length, prompt_tokens, truncated)
+
+
+class TokenStats:
+    """Counts what tokenization did, one record at a time (no record is kept)."""
+
+    def __init__(self) -> None:
+        self.examples = 0
+        self.records = 0
+        self.dropped = 0
+        self.truncated = 0
+        self.tokens = 0
+        self.trainable_tokens = 0
+        self.max_length = 0
+        self.longest_dropped_prompt = 0
+        self.lengths = array("I")  # untruncated lengths, for percentiles
+
+    def add(self, encoded: Encoded) -> None:
+        self.examples += 1
+        self.lengths.append(encoded.length)
+        self.truncated += encoded.truncated
+        if encoded.dropped:
+            self.dropped += 1
+            self.longest_dropped_prompt = max(self.longest_dropped_prompt, encoded.prompt_tokens)
+            return
+        self.records += 1
+        self.tokens += len(encoded.ids)
+        self.trainable_tokens += sum(label != IGNORE for label in encoded.labels)
+        self.max_length = max(self.max_length, len(encoded.ids))
+
+    def as_dict(self) -> dict[str, Any]:
+        return chat_stats(
+            examples=self.examples,
+            records=self.records,
+            dropped=self.dropped,
+            truncated=self.truncated,
+            tokens=self.tokens,
+            trainable_tokens=self.trainable_tokens,
+            max_length=self.max_length,
+            longest_dropped_prompt=self.longest_dropped_prompt,
+            percentiles=length_percentiles(self.lengths),
+        )
+
+
+def chat_stats(
+    *,
+    examples: int,
+    records: int,
+    dropped: int,
+    truncated: int,
+    tokens: int,
+    trainable_tokens: int,
+    max_length: int,
+    longest_dropped_prompt: int,
+    percentiles: dict[str, int],
+) -> dict[str, Any]:
+    """What tokenization did to chat/instruction records (data-stats.json's keys)."""
+    return {
+        "examples": examples,
+        "records": records,
+        "dropped": dropped,
+        "dropped_fraction": dropped / examples if examples else 0.0,
+        "longest_dropped_prompt": longest_dropped_prompt,
+        "tokens": tokens,
+        "trainable_tokens": trainable_tokens,
+        "truncated": truncated,
+        "truncated_fraction": truncated / examples if examples else 0.0,
+        "max_length": max_length,
+        "mean_length": tokens / records if records else 0.0,
+        "length_percentiles": percentiles,
+    }
+
+
+def block_stats(
+    *,
+    documents: int,
+    tokens_in: int,
+    blocks: int,
+    tokens: int,
+    tokens_trained: int,
+    partial_block: str,
+    percentiles: dict[str, int],
+) -> dict[str, Any]:
+    """What continued pretraining kept of the corpus (chat keys too, where they agree)."""
+    return {
+        "documents": documents,
+        "tokens_in": tokens_in,
+        "blocks": blocks,
+        "partial_block": partial_block,  # "kept", "dropped", or "none" (no short last block)
+        "tokens": tokens,
+        "tokens_trained": tokens_trained,
+        "trained_fraction": tokens_trained / tokens_in if tokens_in else 0.0,
+        "examples": documents,
+        "records": blocks,
+        "trainable_tokens": tokens_trained,
+        "dropped": 0,
+        "truncated": 0,
+        "length_percentiles": percentiles,
+    }
+
+
+def length_percentiles(lengths: Sequence[int]) -> dict[str, int]:
+    """p50/p90/p99/max of token lengths (nearest rank); empty when there are none."""
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+
+    def rank(q: float) -> int:
+        return int(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))])
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": int(ordered[-1])}
 
 
 def tokenize_examples(
-    examples: Sequence[Example],
+    examples: Iterable[Example],
     tokenizer: Any,
     *,
     chat_template: str | None,
@@ -43,39 +202,25 @@ def tokenize_examples(
     """
     problems: list[DataProblem] = []
     encoded: list[tuple[list[int], list[int]]] = []
-    truncated = dropped = 0
+    counts = TokenStats()
     for example in examples:
-        if example.text is not None:
-            ids, labels = _encode_text(example.text, tokenizer)
-        else:
-            pair = _encode_chat(example, tokenizer, chat_template, train_on_prompt, problems)
-            if pair is None:
-                continue
-            ids, labels = pair
-        if len(ids) > max_seq_length:
-            truncated += 1
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        # Nothing predicts a record's first token; leaving it unlabelled also keeps a packed
-        # record from being trained to predict the start of the next one.
-        labels[0] = IGNORE
-        if all(label == IGNORE for label in labels):
-            dropped += 1
+        record = encode_example(
+            example,
+            tokenizer,
+            chat_template=chat_template,
+            max_seq_length=max_seq_length,
+            train_on_prompt=train_on_prompt,
+            problems=problems,
+        )
+        if record is None:
             continue
-        encoded.append((ids, labels))
+        counts.add(record)
+        if not record.dropped:
+            encoded.append((record.ids, record.labels))
     if problems:
         raise DataError(problems)
 
-    lengths = [len(ids) for ids, _ in encoded]
-    stats: dict[str, float | int] = {
-        "records": len(encoded),
-        "dropped": dropped,
-        "tokens": sum(lengths),
-        "trainable_tokens": sum(sum(label != IGNORE for label in labels) for _, labels in encoded),
-        "truncated": truncated,
-        "truncated_fraction": truncated / len(examples) if examples else 0.0,
-        "max_length": max(lengths, default=0),
-        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
-    }
+    stats: dict[str, Any] = counts.as_dict()
     if packing:
         records = pack(encoded, max_seq_length)
         stats["packed_sequences"] = len(records)
@@ -85,6 +230,19 @@ def tokenize_examples(
             for ids, labels in encoded
         ]
     return TokenizedData(records=records, stats=stats)
+
+
+def cut_blocks(documents: Iterable[list[int]], size: int) -> Iterator[list[int]]:
+    """Concatenate token lists and yield blocks of `size` (the last one may be shorter)."""
+    buffer: list[int] = []
+    for ids in documents:
+        buffer += ids
+        full = len(buffer) - len(buffer) % size
+        for start in range(0, full, size):
+            yield buffer[start : start + size]
+        buffer = buffer[full:]
+    if buffer:
+        yield buffer
 
 
 def pack(
@@ -106,7 +264,9 @@ def pack(
 
 
 def _encode_text(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    # verbose=False: a document longer than the model's context is expected here (it is cut
+    # into blocks or truncated later, and counted); the tokenizer's warning would only alarm.
+    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     ids = _with_eos(ids, tokenizer)
     return ids, list(ids)
 
@@ -184,7 +344,10 @@ def _encode_chat(
     # Trailing whitespace after the last turn would only be an untrained token before EOS.
     text = full.rstrip()
     encoding = tokenizer(
-        text, add_special_tokens=_adds_special_tokens(chat_template), return_offsets_mapping=True
+        text,
+        add_special_tokens=_adds_special_tokens(chat_template),
+        return_offsets_mapping=True,
+        verbose=False,
     )
     ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"]
@@ -209,7 +372,7 @@ def _assistant_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        after = render(messages[: i + 1], False)
+        after = full if i == len(messages) - 1 else render(messages[: i + 1], False)
         before = render(messages[:i], True) if i > 0 else ""
         if i > 0 and after.startswith(before) and full.startswith(after):
             start, end = len(before), len(after)

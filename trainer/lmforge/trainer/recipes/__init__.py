@@ -18,7 +18,8 @@ RECIPES = {
     "reward": "lmforge.trainer.recipes.reward",  # reward-model
     "preference": "lmforge.trainer.recipes.preference",  # dpo, ipo, orpo, simpo
     "kto": "lmforge.trainer.recipes.kto",
-    "online": "lmforge.trainer.recipes.online",  # grpo, rloo, ppo
+    "online": "lmforge.trainer.recipes.online",  # grpo, rloo (TRL)
+    "ppo": "lmforge.trainer.recipes.ppo",  # our own (TRL removed PPO)
     "raft": "lmforge.trainer.recipes.raft",
 }
 
@@ -32,7 +33,7 @@ METHOD_FAMILIES = {
     "kto": "kto",
     "grpo": "online",
     "rloo": "online",
-    "ppo": "online",
+    "ppo": "ppo",
     "raft": "raft",
 }
 

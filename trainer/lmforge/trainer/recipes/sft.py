@@ -16,12 +16,7 @@ from typing import Any
 
 import torch
 from lmforge.trainer import checkpoints, export, sharding
-from lmforge.trainer.data import (
-    DataCollator,
-    load_examples,
-    resolve_chat_template,
-    tokenize_examples,
-)
+from lmforge.trainer.data import DataCollator, prepare_data, resolve_chat_template
 from lmforge.trainer.evaluate import exact_match_accuracy, perplexity
 from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import (
@@ -67,22 +62,22 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(config.paths.model, spec.model.trust_remote_code)
     template = resolve_chat_template(spec.model.chat_template, tokenizer)
-    train_examples, eval_examples = load_examples(
-        spec.dataset, Path(config.paths.data or "."), seed=spec.training.seed
+    # The pre-flight: bad or untrainable data fails here, before any model weights load.
+    data = prepare_data(
+        spec.dataset,
+        tokenizer,
+        chat_template=template,
+        continued_pretraining=spec.task == "continued-pretraining",
+        base_dir=Path(config.paths.data or "."),
+        seed=spec.training.seed,
+        cache_dir=out / "data-cache" / f"rank-{rank()}",
     )
-    tokenize = {
-        "tokenizer": tokenizer,
-        "chat_template": template,
-        "max_seq_length": spec.dataset.max_seq_length,
-        "train_on_prompt": spec.dataset.train_on_prompt or spec.task == "continued-pretraining",
-        "packing": spec.dataset.packing,
-    }
-    train_data = tokenize_examples(train_examples, **tokenize)
-    eval_data = tokenize_examples(eval_examples, **tokenize) if eval_examples else None
+    eval_examples = data.eval_examples
     if main:
-        stats = {"train": train_data.stats, "eval": eval_data.stats if eval_data else None}
-        export.write_json(out / "data-stats.json", stats)
-        log.info("data: %s", _describe_stats(train_data.stats, eval_data and eval_data.stats))
+        export.write_json(out / "data-stats.json", data.stats)
+        log.info("data: %s", data.summary)
+        for warning in data.warnings:
+            log.warning("data: %s", warning)
 
     precision = resolve_precision(spec.training.precision)
     model = load_model(
@@ -92,7 +87,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )
-    steps = planned_steps(config, len(train_data.records))
+    steps = planned_steps(config, len(data.train))
     model = apply_method(model, spec.tuning, steps)
     trainable, total = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
@@ -132,12 +127,12 @@ def run(config: RunConfig) -> dict[str, Any]:
         )
     if spec.tuning.type == "adalora":
         callbacks.append(AdaLoraCallback(model))
-    args = training_arguments(config, precision, model, has_eval=eval_data is not None)
+    args = training_arguments(config, precision, model, has_eval=data.eval is not None)
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
-        train_dataset=train_data.records,
-        eval_dataset=eval_data.records if eval_data else None,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         data_collator=DataCollator(tokenizer),
         callbacks=callbacks,
     )
@@ -154,7 +149,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         if resume is not None:
             log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_loss = _final_eval_loss(trainer) if eval_data is not None else None
+    eval_loss = _final_eval_loss(trainer) if data.eval is not None else None
     # A sharded model generates only with every rank taking part; score final/ elsewhere.
     accuracy_after = None if sharding.is_sharded(trainer) else score()
     if accuracy_after is not None:
@@ -174,6 +169,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
         "world_size": trainer.args.world_size,
         "strategy": sharding.strategy_in_use(trainer),
+        **data.metrics(),
     }
     if accuracy_after is not None:
         metrics |= {"exact_match_before": accuracy_before, "exact_match": accuracy_after}
@@ -234,13 +230,3 @@ def _peak_memory() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
-def _describe_stats(train: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
-    text = (
-        f"{train.get('records')} training records, {train.get('tokens')} tokens "
-        f"({train.get('trainable_tokens')} trained), {train.get('truncated')} truncated"
-    )
-    if evaluation:
-        text += f"; {evaluation.get('records')} eval records"
-    return text

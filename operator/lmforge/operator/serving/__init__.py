@@ -1,0 +1,1 @@
+"""Serving: InferenceService -> Deployment, Service, adapters ConfigMap, HPA."""

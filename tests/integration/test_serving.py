@@ -1,0 +1,169 @@
+"""The operator serving an InferenceService on the real control plane (KWOK plays the nodes).
+
+KWOK pods run no process, so the test plays the replica's part of the contract: it writes
+what `lmforge serve` reports (`ReplicaState.wire()`) into the report ConfigMap, as the
+replica's own ServiceAccount (impersonated), which proves the narrow rights too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lmforge.serve.supervisor import AdapterState, ReplicaState
+from tests.integration.conftest import OperatorProcess, condition, status_of, wait_for
+from tests.kube import Kube
+
+pytestmark = pytest.mark.cluster
+
+
+def finetune_job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "FinetuneJob",
+        "metadata": {"name": name, "labels": {"lmforge.io/kwok-hold": "true"}},
+        "spec": {
+            "model": {"source": "hf://org/base-model"},
+            "dataset": {"sources": [{"uri": "hf://org/dataset"}]},
+            "distributed": {"gpusPerNode": 1},
+        },
+    }
+
+
+def inference_service(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {"model": {"source": "hf://org/base-model"}, "gpusPerReplica": 1, **spec},
+    }
+
+
+def service_status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
+    return status_of(kube, ns, name, "inferenceservice")
+
+
+def adapter_state(kube: Kube, ns: str, name: str, adapter: str) -> dict[str, Any]:
+    for entry in service_status(kube, ns, name).get("adapters") or []:
+        if entry["name"] == adapter:
+            return dict(entry)
+    return {}
+
+
+def replica_sets(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
+    items = kube.get("replicasets", "-n", ns, "-l", f"lmforge.io/job-name={name}")["items"]
+    return list(items)
+
+
+def test_adapter_from_a_running_job_loads_when_it_succeeds_without_a_rollout(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    adapters = [{"name": "alpaca", "fromJob": {"name": "ft"}}]
+    crds.apply([finetune_job("ft"), inference_service("chat", adapters=adapters)], "-n", namespace)
+    pending = wait_for(
+        lambda: (
+            adapter_state(crds, namespace, "chat", "alpaca").get("state") == "Pending"
+            and adapter_state(crds, namespace, "chat", "alpaca")
+        ),
+        "adapter Pending",
+    )
+    assert "FinetuneJob ft" in pending["message"]
+    wait_for(lambda: service_status(crds, namespace, "chat").get("readyReplicas") == 1, "ready")
+    template = crds.get("deployment", "chat", "-n", namespace)["spec"]["template"]
+    (replica_set,) = replica_sets(crds, namespace, "chat")
+    desired = crds.get("configmap", "chat-adapters", "-n", namespace)["data"]["adapters.json"]
+    assert json.loads(desired)["adapters"] == []
+
+    # The training job finishes: its adapter enters the desired set, the pods stay.
+    (pod,) = crds.get("pods", "-n", namespace, "-l", "lmforge.io/job-name=ft")["items"]
+    crds.run("label", "pod", "-n", namespace, pod["metadata"]["name"], "lmforge.io/kwok-hold-")
+    crds.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Succeeded",
+        "finetunejob/ft",
+        "--timeout=60s",
+        check=True,
+    )
+    uri = status_of(crds, namespace, "ft")["output"]["uri"]
+
+    def desired_paths() -> list[str]:
+        cm = crds.get("configmap", "chat-adapters", "-n", namespace)
+        return [a["path"] for a in json.loads(cm["data"]["adapters.json"])["adapters"]]
+
+    (path,) = wait_for(desired_paths, "adapter in the desired set")
+    assert path == "/mnt/pvc/" + uri.removeprefix("pvc://")
+    loading = wait_for(
+        lambda: (
+            adapter_state(crds, namespace, "chat", "alpaca").get("state") == "Loading"
+            and adapter_state(crds, namespace, "chat", "alpaca")
+        ),
+        "adapter Loading (resolved, not reported yet)",
+    )
+    assert loading["uri"] == uri
+
+    # The replica reports it loaded, with its ServiceAccount's rights.
+    (replica,) = crds.get("pods", "-n", namespace, "-l", "lmforge.io/job-name=chat")["items"]
+    state = ReplicaState(model="chat", model_loaded=True, model_message="")
+    state.adapters["alpaca"] = AdapterState("Loaded", path)
+    account = f"system:serviceaccount:{namespace}:chat-inferencer"
+    report = {"data": {replica["metadata"]["name"]: json.dumps(state.wire())}}
+    patch = ("patch", "configmap", "-n", namespace, "--type=merge", "-p", json.dumps(report))
+    crds.run(*patch[:2], "chat-adapter-state", *patch[2:], f"--as={account}", check=True)
+    denied = crds.run(*patch[:2], "chat-adapters", *patch[2:], f"--as={account}")
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+
+    loaded = wait_for(
+        lambda: (
+            adapter_state(crds, namespace, "chat", "alpaca").get("state") == "Loaded"
+            and adapter_state(crds, namespace, "chat", "alpaca")
+        ),
+        "adapter Loaded",
+    )
+    assert loaded["loadedReplicas"] == 1
+    status = service_status(crds, namespace, "chat")
+    assert condition(status, "AdaptersLoaded")["status"] == "True"  # type: ignore[index]
+    assert condition(status, "Ready")["status"] == "True"  # type: ignore[index]
+    assert status["phase"] == "Ready" and status["url"].endswith(":8000/v1")
+    assert status["observedGeneration"] == 1
+
+    # No replica was restarted: same pod template, same ReplicaSet, same pod.
+    assert crds.get("deployment", "chat", "-n", namespace)["spec"]["template"] == template
+    assert [r["metadata"]["name"] for r in replica_sets(crds, namespace, "chat")] == [
+        replica_set["metadata"]["name"]
+    ]
+    (same,) = crds.get("pods", "-n", namespace, "-l", "lmforge.io/job-name=chat")["items"]
+    assert same["metadata"]["uid"] == replica["metadata"]["uid"]
+
+
+def test_autoscaling_renders_an_hpa_and_switching_it_off_removes_it(
+    crds: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    scaling = {"minReplicas": 1, "maxReplicas": 3, "metric": "concurrency", "target": 8}
+    crds.apply(inference_service("scaled", autoscaling=scaling), "-n", namespace)
+    hpa = wait_for(
+        lambda: (
+            crds.run("get", "hpa", "scaled", "-n", namespace, "-o", "json").returncode == 0
+            and crds.get("hpa", "scaled", "-n", namespace)
+        ),
+        "HPA created",
+    )
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "scaled",
+    }
+    assert hpa["spec"]["maxReplicas"] == 3
+    crds.patch(
+        "inferenceservice", "scaled", namespace, {"spec": {"autoscaling": None, "replicas": 2}}
+    )
+    wait_for(
+        lambda: crds.run("get", "hpa", "scaled", "-n", namespace).returncode != 0, "HPA deleted"
+    )
+    wait_for(
+        lambda: crds.get("deployment", "scaled", "-n", namespace)["spec"]["replicas"] == 2,
+        "Deployment at 2 replicas",
+    )
