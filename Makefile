@@ -61,16 +61,20 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Speed and memory benchmarks: every benchmarks/*.py script, each printing a table and writing
-# benchmarks/results/<name>.json (figures compare against a baseline measured in the same run).
+# Speed and memory benchmarks: every benchmarks/*.py script but the GPU ones (bench-gpu), each
+# printing a table and writing benchmarks/results/<name>.json (figures compare against a
+# baseline measured in the same run).
 bench: install
 	set -e; for script in benchmarks/[!_]*.py; do \
+		case $$script in benchmarks/gpu_*) continue;; esac; \
 		$(PY) -m benchmarks.$$(basename $$script .py); \
 	done
 
-# Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit); needs CUDA.
+# Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit), and training
+# throughput/MFU of a ~1B full and an 8B-class LoRA run against TRL's SFTTrainer; needs CUDA.
 bench-gpu: install
 	$(PY) benchmarks/gpu_strategies.py --out benchmarks/results
+	$(PY) -m benchmarks.gpu_training
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .lmforge lmforge-runs

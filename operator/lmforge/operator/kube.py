@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,8 +53,13 @@ def object_path(kind: str, namespace: str, name: str) -> str:
 class Kube:
     """A small facade over the API server for what the operator needs."""
 
-    def __init__(self, api: client.ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient | None = None,
+        on_request: Callable[[str], None] | None = None,
+    ) -> None:
         self.api = api or client.ApiClient()
+        self.on_request = on_request  # called with the method of every request, e.g. metrics
 
     def request(
         self,
@@ -66,6 +72,8 @@ class Kube:
         timeout: float = 30,
     ) -> dict[str, Any]:
         """One authenticated request; raises ApiException for error statuses."""
+        if self.on_request is not None:
+            self.on_request(method)
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -109,8 +117,11 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.request(
+    def patch_status(
+        self, kind: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge-patch the status; returns the object as the API server stored it."""
+        return self.request(
             "PATCH",
             object_path(kind, namespace, name) + "/status",
             body={"status": status},

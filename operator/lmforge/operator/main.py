@@ -1,7 +1,8 @@
 """`lmforge operator`: kopf handlers wired to the reconciler, behind leader election.
 
 The handlers are thin: every event (on a job, on its batch/v1 Jobs, on its pods)
-and a periodic resync call the same idempotent `Reconciler.reconcile`. kopf is
+and a periodic resync call the same idempotent `Reconciler.reconcile`, which reads
+from kopf indexes of those objects (see `cache`) rather than the API server. kopf is
 used for watching only: no kopf annotations or status fields are written
 (`on.event` handlers keep no progress state), so the CRDs' schemas stay ours.
 """
@@ -17,6 +18,16 @@ from typing import Any
 
 import kopf
 from kubernetes import config as kube_config
+from lmforge.operator.cache import (
+    PODS_INDEX,
+    REPORT_SUFFIX,
+    REPORTS_INDEX,
+    WORKLOADS_INDEX,
+    ClusterCache,
+    jobs_index,
+    owner_key,
+    slim,
+)
 from lmforge.operator.kube import Kube
 from lmforge.operator.leader import LeaderElection
 from lmforge.operator.metrics import OperatorMetrics, serve
@@ -44,9 +55,11 @@ class Dispatch:
     def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics) -> None:
         instances: dict[type[Any], Any] = {}
         self.by_kind: dict[str, Reconciler | ServingReconciler] = {}
+        self.cache = ClusterCache()  # the training reconciler's reads (kopf indexes)
         for kind, cls in RECONCILERS.items():
             if cls not in instances:
-                instances[cls] = cls(kube, settings, metrics)
+                extra = (self.cache,) if cls is Reconciler else ()
+                instances[cls] = cls(kube, settings, metrics, *extra)
             self.by_kind[kind] = instances[cls]
 
     def reconcile(self, kind: str, namespace: str, name: str) -> None:
@@ -60,6 +73,8 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
     """A kopf registry whose handlers all funnel into `reconciler`."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    cache = reconciler.cache
+    register_indexes(registry)
 
     def reconcile_quietly(kind: str, namespace: str, name: str) -> None:
         try:
@@ -69,10 +84,14 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
 
     def job_handlers(kind: str) -> tuple[Any, Any]:
         def on_event(**kw: Any) -> None:
-            if kw["type"] != "DELETED":
+            cache.attach(kw)
+            if kw["type"] == "DELETED":
+                cache.forget((kind, kw["namespace"], kw["name"]))
+            else:
                 reconcile_quietly(kind, kw["namespace"], kw["name"])
 
         def on_resync(**kw: Any) -> None:
+            cache.attach(kw)
             reconcile_quietly(kind, kw["namespace"], kw["name"])
 
         return on_event, on_resync
@@ -91,8 +110,13 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
         )(on_resync)
 
     def on_child_event(**kw: Any) -> None:
+        cache.attach(kw)
         labels = kw["labels"]
         kind, name = labels.get(LABEL_KIND), labels.get(LABEL_NAME)
+        if kw["type"] == "DELETED":
+            cache.saw_deleted(kw["body"])  # applied again by the reconcile below
+        elif kw["body"].get("kind") == "ConfigMap" and kw["name"] != f"{name}{REPORT_SUFFIX}":
+            return  # our own run config changing says nothing new about the job
         if kind in MANAGED_KINDS and name:
             if kw["body"].get("kind") == "Pod":
                 try:
@@ -109,6 +133,39 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
     # the report ConfigMaps: progress and checkpoints of trainers, adapter state of replicas
     kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)(on_child_event)
     return registry
+
+
+def register_indexes(registry: kopf.OperatorRegistry) -> None:
+    """kopf indexes of the training jobs and their Jobs, pods and report ConfigMaps, keyed
+    by (kind, namespace, job name): the reconciler's reads. kopf starts no handler before
+    all of them hold the initial listing."""
+    selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
+
+    def training_index(kind: str) -> Any:
+        async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> Any:
+            return {(kind, namespace, name): slim(body)}
+
+        return index
+
+    for kind in MANAGED_KINDS:
+        kopf.index(GROUP, VERSION, KINDS[kind].plural, id=jobs_index(kind), registry=registry)(
+            training_index(kind)
+        )
+
+    async def by_owner(body: kopf.Body, **_: Any) -> Any:
+        return {owner_key(body): slim(body)}
+
+    async def reports(body: kopf.Body, name: str, **_: Any) -> Any:
+        key = owner_key(body)
+        return {key: slim(body)} if key and name == key[2] + REPORT_SUFFIX else {}
+
+    kopf.index("batch", "v1", "jobs", labels=selector, id=WORKLOADS_INDEX, registry=registry)(
+        by_owner
+    )
+    kopf.index("", "v1", "pods", labels=selector, id=PODS_INDEX, registry=registry)(by_owner)
+    kopf.index("", "v1", "configmaps", labels=selector, id=REPORTS_INDEX, registry=registry)(
+        reports
+    )
 
 
 def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -157,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
-    kube = Kube()
     metrics = OperatorMetrics()
+    kube = Kube(on_request=lambda method: metrics.api_requests.labels(method).inc())
     election = LeaderElection(kube, args.lease_namespace, args.identity)
     started = threading.Event()
     # Ready: a standby (waiting for the Lease) is ready to take over; a leader once its

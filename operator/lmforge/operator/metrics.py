@@ -73,6 +73,12 @@ class OperatorMetrics:
             ["kind"],
             registry=r,
         )
+        self.api_requests = Counter(
+            "lmforge_api_requests_total",
+            "Requests the operator sent to the API server (watches excluded)",
+            ["method"],
+            registry=r,
+        )
         self.job_phase = Gauge(
             "lmforge_job_phase",
             "1 for the current phase of each training job (alerts on stuck or failed jobs)",

@@ -4,6 +4,10 @@ Every step can be repeated or interrupted (an operator killed at any point) and
 the next run converges: children are server-side applied under fixed names,
 the attempt number lives in the job's status and is written *before* the new
 attempt's Job is created, and Jobs of other attempts are deleted.
+
+Reads come from the watch caches (`ClusterCache`), which also remember this
+process's own writes until the watches catch up; children whose rendered form did
+not change since this process applied them are not sent again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from lmforge.operator.cache import ClusterCache
 from lmforge.operator.kube import Kube
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.ownership import LABEL_ATTEMPT
@@ -44,8 +49,14 @@ log = logging.getLogger(__name__)
 class Reconciler:
     """Converges training jobs; safe to call from any number of event handlers."""
 
-    def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics) -> None:
-        self.kube, self.settings, self.metrics = kube, settings, metrics
+    def __init__(
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        metrics: OperatorMetrics,
+        cache: ClusterCache,
+    ) -> None:
+        self.kube, self.settings, self.metrics, self.cache = kube, settings, metrics, cache
         self._locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
 
@@ -67,9 +78,10 @@ class Reconciler:
                 self.metrics.reconcile_seconds.labels(kind).observe(time.monotonic() - started)
 
     def _reconcile(self, kind: str, namespace: str, name: str) -> None:
-        body = self.kube.get(kind, namespace, name)
+        body = self.cache.job(kind, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.metrics.forget(kind, namespace, name)
+            self.cache.forget((kind, namespace, name))
             return
         status: dict[str, Any] = body.get("status") or {}
         meta = body["metadata"]
@@ -79,7 +91,14 @@ class Reconciler:
             and status.get("observedGeneration") == generation
         ):
             self.metrics.record_phase(kind, namespace, name, status["phase"])
-            return  # terminal and up to date: nothing can change any more
+            # terminal and up to date: nothing can change any more, but a Job of an earlier
+            # attempt may be left if the operator died between a restart's create and delete
+            self._delete_other_attempts(
+                namespace,
+                int(status.get("restarts", 0)),
+                self.cache.workloads(kind, namespace, name),
+            )
+            return
 
         try:
             job = KINDS[kind].model_validate({k: v for k, v in body.items() if k != "status"})
@@ -99,7 +118,7 @@ class Reconciler:
             except LocalPathOnCluster as err:
                 self._fail_invalid(body, status, generation, str(err))
                 return
-        workloads = self.kube.jobs_of(kind, namespace, name)
+        workloads = self.cache.workloads(kind, namespace, name)
         current = next(
             (w for w in workloads if w["metadata"]["name"] == workload_name(target)), None
         )
@@ -107,8 +126,8 @@ class Reconciler:
         missing_volumes = (
             self._missing_claims(target, claims) if current is None and claims is not None else []
         )
-        pods = self.kube.pods_of(kind, namespace, name, attempt) if current else []
-        report = self.kube.get("ConfigMap", namespace, report_name(target)) if current else None
+        pods = self.cache.pods(kind, namespace, name, attempt) if current else []
+        report = self.cache.report(kind, namespace, name)
         observed = Observed(
             generation=generation,
             status=status,
@@ -118,7 +137,7 @@ class Reconciler:
             dependencies=dependencies,
             workload=current,
             pods=pods,
-            report=dict((report or {}).get("data") or {}),
+            report=dict((report or {}).get("data") or {}) if current else {},
             missing_volumes=missing_volumes,
             output_uri=output_uri(target),
             output_claim=output_claim_name(target),
@@ -130,18 +149,26 @@ class Reconciler:
 
         if decision.action is Action.RESTART:
             # Status first: once restarts is bumped, any later run creates the new attempt.
-            self.kube.patch_status(kind, namespace, name, decision.status)
+            self._patch_status(kind, namespace, name, decision.status)
             target = replace(target, attempt=attempt + 1)
-            self._apply(target, workload_suspended=None)
-            self._delete_other_attempts(target, workloads)
+            self._apply(target, workload_suspended=None, present=set())
+            self._delete_other_attempts(namespace, target.attempt, workloads)
             restarting = lifecycle.find_condition(decision.status["conditions"], "Restarting")
             self.metrics.restarts.labels(kind, (restarting or {}).get("reason", "Unknown")).inc()
         else:
             if decision.action is Action.APPLY:
-                self._apply(target, workload_suspended=None, observed_workload=current)
-                self._delete_other_attempts(target, workloads)
+                # children the watches show; one that vanished is applied again at once
+                present = {("Job", current["metadata"]["name"])} if current else set()
+                if report is not None:
+                    present.add(("ConfigMap", report_name(target)))
+                self._apply(
+                    target, workload_suspended=None, observed_workload=current, present=present
+                )
+            # whatever the decision: an operator killed between a restart's create and delete
+            # leaves the earlier attempt's Job, and the new attempt may have finished since
+            self._delete_other_attempts(namespace, attempt, workloads)
             if decision.status != status:
-                self.kube.patch_status(kind, namespace, name, decision.status)
+                self._patch_status(kind, namespace, name, decision.status)
         for type_, reason, message in decision.events:
             self.kube.event(body, type_, reason, message)
         phase = decision.status.get("phase", "Pending")
@@ -163,7 +190,7 @@ class Reconciler:
                 uris[ref.field] = ref.source.source or ""
                 continue
             other = ref.source.from_job
-            body = self.kube.get(other.kind, namespace, other.name)
+            body = self.cache.job(other.kind, namespace, other.name)
             dependencies[f"{other.kind} {other.name} (spec.{ref.field})"] = body
             uris[ref.field] = ((body or {}).get("status") or {}).get("output", {}).get("uri", "")
         return dependencies, uris
@@ -197,7 +224,7 @@ class Reconciler:
                 conditions, type_, value, "InvalidSpec", message, generation, lifecycle.now()
             )
         new["conditions"] = conditions
-        self.kube.patch_status(body["kind"], meta["namespace"], meta["name"], new)
+        self._patch_status(body["kind"], meta["namespace"], meta["name"], new)
         if status.get("phase") != "Failed":
             self.kube.event(body, "Warning", "InvalidSpec", message)
 
@@ -225,7 +252,7 @@ class Reconciler:
             + "; replaced without counting against runPolicy.backoffLimit"
         )
         with self._lock((kind, namespace, name)):
-            body = self.kube.get(kind, namespace, name)
+            body = self.cache.job(kind, namespace, name)
             if body is None:
                 return
             status = dict(body.get("status") or {})
@@ -241,43 +268,59 @@ class Reconciler:
                 int(body["metadata"].get("generation", 1)),
                 lifecycle.now(),
             )
-            self.kube.patch_status(kind, namespace, name, status)
+            self._patch_status(kind, namespace, name, status)
             self.kube.event(body, "Warning", "Disrupted", message)
             self.metrics.restarts.labels(kind, "Disrupted").inc()
+
+    def _patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.cache.wrote(self.kube.patch_status(kind, namespace, name, status))
 
     def _apply(
         self,
         target: TrainingTarget,
         *,
         workload_suspended: bool | None,
+        present: set[tuple[str, str]],
         observed_workload: dict[str, Any] | None = None,
     ) -> None:
-        """Apply every child. When the Job exists, its `suspend` is Kueue's to decide: we
-        carry the value we read back, locked to the version we read it from, so a stale
-        read can never re-suspend a Job that Kueue admitted meanwhile (409: a newer
-        version exists, and its watch event brings the next reconcile)."""
+        """Apply the children whose rendered form changed since this process applied them
+        (all of them after a restart; any the watches no longer show).
+
+        When the Job exists, its `suspend` is Kueue's to decide: we carry the value we read
+        back, locked to the version we read it from, so a stale read can never re-suspend a
+        Job that Kueue admitted meanwhile (409: a newer version exists, and its watch event
+        brings the next reconcile)."""
         if observed_workload is not None:
             workload_suspended = observed_workload["spec"].get("suspend")
+        report = ("ConfigMap", report_name(target))
         for obj in render_children(target, workload_suspended=workload_suspended).objects:
+            key = (obj["kind"], obj["metadata"]["name"])
+            watched = obj["kind"] == "Job" or key == report
+            if (not watched or key in present) and self.cache.unchanged(obj):
+                continue
+            sent = obj
             if obj["kind"] == "Job" and observed_workload is not None:
                 version = observed_workload["metadata"].get("resourceVersion")
-                obj["metadata"]["resourceVersion"] = version
-                try:
-                    self.kube.apply(obj)
-                except ApiException as err:
-                    if err.status != 409:
-                        raise
-                    log.info("Job %s changed since it was read; next event applies", version)
+                sent = {**obj, "metadata": {**obj["metadata"], "resourceVersion": version}}
+            try:
+                applied = self.kube.apply(sent)
+            except ApiException as err:
+                if err.status != 409 or sent is obj:
+                    raise
+                log.info("Job %s changed since it was read; next event applies", key[1])
                 continue
-            self.kube.apply(obj)
+            self.cache.applied(obj)  # the rendered form, without the version lock
+            if watched:
+                self.cache.wrote(applied)
 
     def _delete_other_attempts(
-        self, target: TrainingTarget, workloads: list[dict[str, Any]]
+        self, namespace: str, attempt: int, workloads: list[dict[str, Any]]
     ) -> None:
         for workload in workloads:
             labels = workload["metadata"].get("labels") or {}
-            if labels.get(LABEL_ATTEMPT) != str(target.attempt):
-                self.kube.delete("Job", target.namespace, workload["metadata"]["name"])
+            if labels.get(LABEL_ATTEMPT) != str(attempt):
+                self.kube.delete("Job", namespace, workload["metadata"]["name"])
+                self.cache.deleted("Job", namespace, workload["metadata"]["name"])
 
 
 def gpus_requested(spec: TrainingJobSpec) -> int:

@@ -1,0 +1,421 @@
+"""Benchmark: how fast the operator turns FinetuneJobs into running batch Jobs, at scale.
+
+On the local control plane (etcd, kube-apiserver, controllers, KWOK: pods complete after
+about a second), in one run:
+
+1. floor: a bare client applies the children the operator would render for N jobs (run
+   config and report ConfigMaps, Service, ServiceAccount, Role, RoleBinding, Job: the same
+   renderer's output) with as many threads as the operator has workers;
+2. burst: N FinetuneJobs created at once with the operator running; time until every
+   child batch Job exists (seen by a watch), as a ratio to the floor;
+3. steady: jobs created at a steady rate (20/s); p50/p99 latency from creation to the
+   child Job, and the operator's API requests per job over whole lifecycles;
+4. the operator's peak RSS (VmHWM) at the end.
+
+    python -m benchmarks.operator_scale                  # 1000 jobs
+    python -m benchmarks.operator_scale --jobs 200 --steady-seconds 10
+    python -m benchmarks.operator_scale --kubeconfig .lmforge/cluster/kubeconfig
+
+Prints a table and writes benchmarks/results/operator_scale.json. Not a test: the
+figures depend on the machine; compare the ratio to the floor within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes import config as kube_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
+sys.path.insert(0, str(ROOT / "hack"))
+
+from lmforge.operator.kube import Kube, collection_path  # noqa: E402
+from lmforge.operator.ownership import LABEL_KIND, LABEL_NAME  # noqa: E402
+from lmforge.operator.settings import OperatorSettings  # noqa: E402
+from lmforge.operator.training.render import TrainingTarget, render_children  # noqa: E402
+
+from lmforge.api.kinds import KINDS, TrainingJob  # noqa: E402
+from lmforge.api.references import model_references  # noqa: E402
+
+WORKERS = 8  # the operator's settings.execution.max_workers
+
+
+def finetune_job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "FinetuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "hf://org/base-model"},
+            "dataset": {"sources": [{"uri": "hf://org/dataset"}]},
+            "distributed": {"gpusPerNode": 0},  # CPU nodes: 220 pods at once, no GPU queue
+        },
+    }
+
+
+def rendered_children(body: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    """What the operator applies for a new job, without owner references (no owner here) and
+    without the job-kind label, so that the operator running later ignores these."""
+    job = KINDS["FinetuneJob"].model_validate(body)
+    assert isinstance(job, TrainingJob)
+    uris = {ref.field: ref.source.source or "" for ref in model_references(job.spec)}
+    target = TrainingTarget(job, namespace, "00000000-floor", uris, 0, OperatorSettings())
+    objects = render_children(target).objects
+    for obj in objects:
+        obj["metadata"].pop("ownerReferences", None)
+        obj["metadata"]["labels"].pop(LABEL_KIND)
+    return objects
+
+
+class JobWatch(threading.Thread):
+    """When the first batch Job of each job (by its job-name label) appeared, from a watch."""
+
+    def __init__(self, namespace: str, selector: str = f"{LABEL_KIND}=FinetuneJob") -> None:
+        super().__init__(daemon=True)
+        self.namespace, self.selector = namespace, selector
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        api = client.BatchV1Api()
+        while not self.stop.is_set():
+            listed = api.list_namespaced_job(self.namespace, label_selector=self.selector)
+            now = time.monotonic()
+            for item in listed.items:
+                self.seen.setdefault(item.metadata.labels[LABEL_NAME], now)
+            self.ready.set()
+            try:
+                for event in watch.Watch().stream(
+                    api.list_namespaced_job,
+                    self.namespace,
+                    label_selector=self.selector,
+                    resource_version=listed.metadata.resource_version,
+                    timeout_seconds=30,
+                ):
+                    job = event["object"].metadata.labels[LABEL_NAME]
+                    self.seen.setdefault(job, time.monotonic())
+                    if self.stop.is_set():
+                        return
+            except Exception:  # expired resourceVersion and the like: list again
+                time.sleep(0.2)
+
+    def wait_for(self, count: int, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.seen)} of {count} Jobs after {timeout}s")
+            time.sleep(0.05)
+        return max(self.seen.values())
+
+
+def create_namespace(kube: Kube, name: str) -> None:
+    kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": name}})
+
+
+def create_jobs(kube: Kube, namespace: str, names: list[str]) -> None:
+    path = collection_path("FinetuneJob", namespace)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(lambda n: kube.request("POST", path, body=finetune_job(n)), names))
+
+
+def floor(kube: Kube, jobs: int) -> dict[str, Any]:
+    namespace = f"bench-floor-{os.getpid()}"
+    create_namespace(kube, namespace)
+    objects = [
+        obj
+        for i in range(jobs)
+        for obj in rendered_children(finetune_job(f"job-{i:04d}"), namespace)
+    ]
+    seen = JobWatch(namespace, selector=LABEL_NAME)
+    seen.start()
+    seen.ready.wait(30)
+    started = time.monotonic()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(kube.apply, objects))
+    last = seen.wait_for(jobs, timeout=1800)
+    seen.stop.set()
+    return {
+        "namespace": namespace,
+        "seconds": last - started,
+        "objects_applied": len(objects),
+        "objects_per_job": len(objects) / jobs,
+    }
+
+
+class Operator:
+    """`lmforge operator` as a child process, with its metrics endpoint."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "lmforge"),
+                "operator",
+                "--identity",
+                "bench",
+                "--metrics-port",
+                str(self.port),
+            ],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while not self._get("/readyz"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"operator not ready; see {log}")
+            time.sleep(0.2)
+
+    def _get(self, path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            return None
+
+    def requests(self) -> float:
+        text = self._get("/metrics") or ""
+        found = re.findall(r"^lmforge_api_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+        return sum(float(v) for v in found)
+
+    def peak_rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def phases(kube: Kube, namespace: str) -> dict[str, int]:
+    items = kube.request("GET", collection_path("FinetuneJob", namespace)).get("items", [])
+    counts: dict[str, int] = {}
+    for item in items:
+        phase = (item.get("status") or {}).get("phase", "None")
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
+def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
+    namespace = f"bench-burst-{os.getpid()}"
+    create_namespace(kube, namespace)
+    seen = JobWatch(namespace)
+    seen.start()
+    seen.ready.wait(30)
+    before = operator.requests()
+    started = time.monotonic()
+    create_jobs(kube, namespace, [f"job-{i:04d}" for i in range(jobs)])
+    created = time.monotonic() - started
+    last = seen.wait_for(jobs, timeout=3600)
+    seen.stop.set()
+    return {
+        "namespace": namespace,
+        "seconds": last - started,
+        "create_seconds": created,
+        "requests_per_job": (operator.requests() - before) / jobs,
+    }
+
+
+def steady(
+    kube: Kube, operator: Operator, rate: float, seconds: float, settle: float
+) -> dict[str, Any]:
+    namespace = f"bench-steady-{os.getpid()}"
+    create_namespace(kube, namespace)
+    seen = JobWatch(namespace)
+    seen.start()
+    seen.ready.wait(30)
+    before = operator.requests()
+    path = collection_path("FinetuneJob", namespace)
+    created: dict[str, float] = {}
+    count = int(rate * seconds)
+    begin = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        for i in range(count):
+            time.sleep(max(0.0, begin + i / rate - time.monotonic()))
+            name = f"job-{i:04d}"
+            created[name] = time.monotonic()
+            pool.submit(kube.request, "POST", path, body=finetune_job(name))
+    seen.wait_for(count, timeout=1800)
+    seen.stop.set()
+    latencies = sorted(seen.seen[n] - t for n, t in created.items())
+    # requests over lifecycles: until every job finished, or `settle` seconds (the local
+    # control plane binds PVCs slowly: its hostPath provisioner, not the operator, is the
+    # limit on how fast pods start)
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        done = phases(kube, namespace)
+        if done.get("Succeeded", 0) + done.get("Failed", 0) >= count:
+            break
+        time.sleep(2)
+    return {
+        "namespace": namespace,
+        "jobs": count,
+        "rate_per_second": rate,
+        "p50_seconds": statistics.median(latencies),
+        "p99_seconds": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "max_seconds": latencies[-1],
+        "phases": phases(kube, namespace),
+        "settle_seconds": settle,
+        "requests_per_job_lifecycle": (operator.requests() - before) / count,
+    }
+
+
+def machine() -> dict[str, Any]:
+    import kopf
+    import kubernetes
+
+    memory = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    binaries = sorted(p.name for p in (Path.home() / ".cache/lmforge/bin").glob("k8s-*"))
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory_bytes": int(memory) * 1024,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "versions": {
+            "kopf": kopf.__version__ if hasattr(kopf, "__version__") else "?",
+            "kubernetes-client": kubernetes.__version__,
+            "control-plane": binaries[-1] if binaries else "?",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs applied at once")
+    parser.add_argument("--rate", type=float, default=20, help="jobs/s in the steady phase")
+    parser.add_argument("--steady-seconds", type=float, default=15)
+    parser.add_argument(
+        "--settle-seconds", type=float, default=60, help="wait for steady jobs to finish"
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="use this cluster (default: start one)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    from cluster import Cluster
+
+    cluster = None
+    kubeconfig = args.kubeconfig
+    if kubeconfig is None:
+        cluster = Cluster(ROOT / ".lmforge" / "bench-cluster")
+        cluster.down(quiet=True)
+        shutil.rmtree(cluster.root, ignore_errors=True)  # no objects of an earlier run
+        cluster.up()
+        kubeconfig = cluster.kubeconfig
+    try:
+        return run(args, kubeconfig.resolve())
+    finally:
+        if cluster is not None:
+            cluster.down()
+            shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, kubeconfig: Path) -> int:
+    kube_config.load_kube_config(str(kubeconfig))  # type: ignore[no-untyped-call]
+    kubectl = Path.home() / ".cache/lmforge/bin"
+    kubectl_bin = next(kubectl.glob("k8s-*")) / "kubectl"
+    crds = ROOT / "crds"
+    for cmd in (
+        ["apply", "--server-side", "--force-conflicts", "-f", str(crds)],
+        ["wait", "--for=condition=Established", "--timeout=60s", "-f", str(crds)],
+    ):
+        subprocess.run([str(kubectl_bin), f"--kubeconfig={kubeconfig}", *cmd], check=True)
+    kube = Kube()
+    info = machine()
+
+    print(f"floor: a bare client applies the children of {args.jobs} jobs ...", flush=True)
+    floor_result = floor(kube, args.jobs)
+    log = ROOT / ".lmforge" / "bench-operator.log"
+    log.parent.mkdir(exist_ok=True)
+    operator = Operator(kubeconfig, log)
+    try:
+        print(f"burst: {args.jobs} FinetuneJobs at once ...", flush=True)
+        burst_result = burst(kube, operator, args.jobs)
+        print(f"  {json.dumps(burst_result)}; floor {floor_result['seconds']:.1f}s", flush=True)
+        print(f"steady: {args.rate:g} jobs/s for {args.steady_seconds:g}s ...", flush=True)
+        steady_result = steady(kube, operator, args.rate, args.steady_seconds, args.settle_seconds)
+        peak_rss = operator.peak_rss_bytes()
+    finally:
+        operator.stop()
+
+    ratio = burst_result["seconds"] / floor_result["seconds"]
+    report = {
+        "benchmark": "operator_scale",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.operator_scale " + " ".join(argv_of(args)),
+        "machine": info,
+        "jobs": args.jobs,
+        "floor": floor_result,
+        "burst": burst_result,
+        "burst_ratio_to_floor": ratio,
+        "steady": steady_result,
+        "operator_peak_rss_bytes": peak_rss,
+        "goals": {"burst_ratio_to_floor": 1.5, "operator_peak_rss_bytes": 200 * 2**20},
+    }
+    rows = [
+        ("floor: children of all jobs applied (s)", f"{floor_result['seconds']:.1f}"),
+        ("operator: all child Jobs exist (s)", f"{burst_result['seconds']:.1f}"),
+        ("  ratio to floor (goal <= 1.5)", f"{ratio:.2f}"),
+        ("  of which creating the FinetuneJobs (s)", f"{burst_result['create_seconds']:.1f}"),
+        ("  API requests per job until its Job exists", f"{burst_result['requests_per_job']:.1f}"),
+        (f"steady {args.rate:g}/s: p50 create->Job (s)", f"{steady_result['p50_seconds']:.2f}"),
+        (f"steady {args.rate:g}/s: p99 create->Job (s)", f"{steady_result['p99_seconds']:.2f}"),
+        (
+            f"steady: API requests per job (+{args.settle_seconds:g} s settle)",
+            f"{steady_result['requests_per_job_lifecycle']:.1f}",
+        ),
+        ("operator peak RSS (MiB, goal <= 200)", f"{peak_rss / 2**20:.0f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\noperator_scale: {args.jobs} jobs")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value:>8}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def argv_of(args: argparse.Namespace) -> list[str]:
+    out = [
+        f"--jobs {args.jobs}",
+        f"--rate {args.rate:g}",
+        f"--steady-seconds {args.steady_seconds:g}",
+        f"--settle-seconds {args.settle_seconds:g}",
+    ]
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
