@@ -298,7 +298,8 @@ def training_kwargs(
     spec = config.spec
     training, ckpt = spec.training, spec.checkpoint
     out = config.output_dir
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
+    # Every run logs into its own output (a second run in one process must not reuse the first's).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "logs")
     eval_every = training.eval_every_steps
     kwargs: dict[str, Any] = {
         "output_dir": str(out / "checkpoints"),
