@@ -6,6 +6,7 @@ input volumes, credentials, fetching init containers. Renderers compose them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lmforge.operator.settings import OperatorSettings
@@ -117,4 +118,41 @@ def fetch_init_containers(
             "securityContext": RESTRICTED_CONTAINER,
         }
         for i, (uri, dest) in enumerate(mounts.fetches)
+    ]
+
+
+def report_writer_access(
+    account: str, namespace: str, report: str, metadata: Callable[[str], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding for pods that may get and patch one report
+    ConfigMap (by resourceNames) and nothing else: code in a training or serving pod
+    (trustRemoteCode models included) cannot touch other pods or objects.
+    `metadata(name)` is the owner's child metadata."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": metadata(account),
+            "automountServiceAccountToken": True,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata(account),
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": [report],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata(account),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        },
     ]

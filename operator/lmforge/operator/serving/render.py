@@ -186,35 +186,12 @@ def render_report_config_map(target: ServingTarget) -> dict[str, Any]:
 
 def render_access(target: ServingTarget) -> list[dict[str, Any]]:
     """A ServiceAccount that may read and patch the report ConfigMap, and nothing else."""
-    name = account_name(target)
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _metadata(target, name),
-            "automountServiceAccountToken": True,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _metadata(target, name),
-            "rules": [
-                {
-                    "apiGroups": [""],
-                    "resources": ["configmaps"],
-                    "resourceNames": [report_config_map_name(target)],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _metadata(target, name),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": target.namespace}],
-        },
-    ]
+    return pods.report_writer_access(
+        account_name(target),
+        target.namespace,
+        report_config_map_name(target),
+        lambda name: _metadata(target, name),
+    )
 
 
 def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:

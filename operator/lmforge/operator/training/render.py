@@ -219,30 +219,12 @@ def render_report(target: TrainingTarget) -> dict[str, Any]:
 def render_trainer_access(target: TrainingTarget) -> list[dict[str, Any]]:
     """A ServiceAccount that may read and patch the job's report ConfigMap, nothing else:
     no rights over pods, so code in a training job cannot touch other workloads."""
-    name = trainer_account_name(target)
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(target, name)},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _metadata(target, name),
-            "rules": [
-                {
-                    "apiGroups": [""],
-                    "resources": ["configmaps"],
-                    "resourceNames": [report_name(target)],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _metadata(target, name),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": target.namespace}],
-        },
-    ]
+    return pods.report_writer_access(
+        trainer_account_name(target),
+        target.namespace,
+        report_name(target),
+        lambda name: _metadata(target, name),
+    )
 
 
 def _env(target: TrainingTarget) -> list[dict[str, Any]]:
