@@ -218,6 +218,10 @@ class Cluster:
                 f"--cluster-signing-key-file={self.pki / 'ca.key'}",
                 "--leader-elect=false",
                 "--controllers=*",
+                # KWOK renews the fake nodes' leases; on two busy cores a renewal can come
+                # late, and a node marked Unknown marks its pods NotReady for good (KWOK
+                # makes a pod Ready once). No test here is about node failure detection.
+                "--node-monitor-grace-period=10m",
                 # Dynamic provisioning for PVCs without a storage system: hostPath
                 # volumes under /tmp, for testing only (see the default StorageClass).
                 "--enable-hostpath-provisioner=true",

@@ -126,7 +126,14 @@ def test_adapter_from_a_running_job_loads_when_it_succeeds_without_a_rollout(
     assert loaded["loadedReplicas"] == 1
     status = service_status(crds, namespace, "chat")
     assert condition(status, "AdaptersLoaded")["status"] == "True"  # type: ignore[index]
-    assert condition(status, "Ready")["status"] == "True"  # type: ignore[index]
+    ready = condition(status, "Ready")
+    deployment = crds.get("deployment", "chat", "-n", namespace)
+    pod_now = crds.get("pod", replica["metadata"]["name"], "-n", namespace)
+    assert ready["status"] == "True", (  # type: ignore[index]
+        ready,
+        deployment.get("status"),
+        pod_now["status"].get("conditions"),
+    )
     assert status["phase"] == "Ready" and status["url"].endswith(":8000/v1")
     assert status["observedGeneration"] == 1
 
