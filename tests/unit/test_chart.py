@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
+from lmforge.operator.serving.render import ServingTarget
+from lmforge.operator.serving.render import render_children as render_serving
 from lmforge.operator.training.render import TrainingTarget, render_trainer_access
+from lmforge.operator.training.render import render_children as render_training
 
-from lmforge.api.kinds import FinetuneJob
+from lmforge.api.kinds import FinetuneJob, InferenceService
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts/lmforge"
@@ -79,6 +82,7 @@ def test_default_install_objects(tools: Path) -> None:
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/lmforge/operator:0.1.0"
     assert "--trainer-image=ghcr.io/lmforge/trainer:0.1.0" in container["args"]
+    assert "--inferencer-image=ghcr.io/lmforge/inferencer:0.1.0" in container["args"]
     assert not any(a.startswith("--namespace") for a in container["args"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -102,10 +106,18 @@ def test_images_come_from_values(tools: Path) -> None:
         "image.operator.repository=registry.local/op,image.operator.tag=dev",
         "--set",
         "image.trainer.repository=registry.local/trainer,image.trainer.tag=cu124",
+        "--set",
+        "image.inferencer.repository=registry.local/vllm,image.inferencer.tag=cpu",
     )
     (container,) = the(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.local/op:dev"
     assert "--trainer-image=registry.local/trainer:cu124" in container["args"]
+    assert "--inferencer-image=registry.local/vllm:cpu" in container["args"]
+    # The operator parses what the chart passes.
+    from lmforge.operator.main import parse_args
+
+    args = parse_args([a for a in container["args"] if a.startswith("--")])
+    assert args.inferencer_image == "registry.local/vllm:cpu"
 
 
 def test_namespace_scoped_mode_has_no_cluster_rights(tools: Path) -> None:
@@ -147,6 +159,34 @@ def test_monitoring_objects_only_when_the_cluster_has_them_or_asked(tools: Path)
     assert set(MONITORING) <= set(kinds(render(tools, *asked)))
     refused = [f"--set=metrics.{k[0].lower() + k[1:]}.enabled=false" for k in MONITORING]
     assert not set(MONITORING) & set(kinds(render(tools, *apis, *refused)))
+
+
+def test_pod_monitor_scrapes_the_ports_trainers_and_replicas_have(tools: Path) -> None:
+    """Each PodMonitor endpoint names a port our pods really have, and both kinds of pod
+    are covered: trainers (lmforge_train_*) and serving replicas (vllm:*, lmforge_serving_*)."""
+    monitor = the(render(tools, "--set=metrics.podMonitor.enabled=true"), "PodMonitor")
+    endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
+    job = FinetuneJob.model_validate(
+        yaml.safe_load((ROOT / "examples/finetunejob-lora.yaml").read_text())
+    )
+    service = InferenceService.model_validate(
+        yaml.safe_load((ROOT / "examples/inferenceservice.yaml").read_text())
+    )
+    uris = {"model": "pvc://models/base"}
+    trainer = the(render_training(TrainingTarget(job, "ml", "uid", uris)).objects, "Job")
+    replica = the(
+        render_serving(ServingTarget(service, "ml", "uid", uris, ())).objects, "Deployment"
+    )
+    selector = monitor["spec"]["selector"]["matchExpressions"]
+    for pod in (trainer["spec"]["template"], replica["spec"]["template"]):
+        assert all(e["key"] in pod["metadata"]["labels"] for e in selector)
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports & set(endpoints), (ports, set(endpoints))
+    (relabel,) = endpoints["http"]["relabelings"]
+    assert relabel["targetLabel"] == "job_name"
+    label = relabel["sourceLabels"][0].removeprefix("__meta_kubernetes_pod_label_")
+    pod_labels = replica["spec"]["template"]["metadata"]["labels"]
+    assert label in {k.replace(".", "_").replace("/", "_").replace("-", "_") for k in pod_labels}
 
 
 def test_prometheus_rule_and_dashboard_are_the_tested_files(tools: Path) -> None:
