@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmforge.api.kinds import FinetuneJob, KubernetesObject
+from lmforge.api.kinds import AlignmentJob, FinetuneJob, KubernetesObject
 from lmforge.api.validation import InvalidObject, load_file
 from lmforge.local import DEFAULT_RUNS, LocalRunError, local_run_config, read_metrics, run_file
 
@@ -33,16 +33,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def check_data(file: Path, obj: KubernetesObject, samples: int) -> bool:
     """Print the data pre-flight of one job; False when its data cannot train."""
-    if not isinstance(obj, FinetuneJob):
-        if obj.kind == "AlignmentJob":
-            print(f"{file}: {obj.kind}: the data pre-flight covers FinetuneJobs so far")
-        return True
+    if not isinstance(obj, FinetuneJob | AlignmentJob):
+        return True  # an InferenceService has no training data
     from lmforge.trainer.data import DataError
-    from lmforge.trainer.data.preflight import PreflightError, preflight
+    from lmforge.trainer.data.preflight import PreflightError, alignment_preflight, preflight
 
     try:
         config = local_run_config(obj, file, output=Path("."), runs=DEFAULT_RUNS)
-        report = preflight(config, samples)
+        check = preflight if isinstance(obj, FinetuneJob) else alignment_preflight
+        report = check(config, samples)
     except (LocalRunError, DataError, PreflightError) as err:
         print(f"{file}: {obj.kind}/{obj.name}: error: {err}", file=sys.stderr)
         return False
@@ -173,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--data",
         action="store_true",
-        help="also load each FinetuneJob's tokenizer (local model) and data and report what "
+        help="also load each training job's tokenizer (local model) and data and report what "
         "training would use: counts, lengths, drops, truncation and the first records",
     )
     validate.add_argument(

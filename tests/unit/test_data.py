@@ -1131,3 +1131,92 @@ def test_validate_data_previews_without_training(
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     assert main(["validate", "--data", str(tmp_path / "job.yaml")]) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "data_format", "expected"),
+    [
+        ("dpo", "tiny-preferences-train.jsonl", "preference", "0 of 1,000 records dropped"),
+        ("reward-model", "tiny-preferences-train.jsonl", "preference", "pairs longer than"),
+        ("kto", "tiny-kto-train.jsonl", "kto", "desirable and"),
+        ("grpo", "tiny-prompts-train.jsonl", "prompt", "other fields: answer"),
+    ],
+)
+def test_validate_data_previews_alignment_jobs(
+    tmp_path: Path,
+    tokenizer: Any,
+    capsys: Any,
+    method: str,
+    data: str,
+    data_format: str,
+    expected: str,
+) -> None:
+    """`lmforge validate --data` on an AlignmentJob: its records as its method's recipe
+    reads them (counts, lengths, drops, the first records), without loading the model."""
+    import shutil
+
+    import yaml
+
+    from lmforge.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "model")
+    shutil.copy(Path(__file__).parents[2] / "examples/data" / data, tmp_path / data)
+    job: dict[str, Any] = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "AlignmentJob",
+        "metadata": {"name": "preview"},
+        "spec": {
+            "model": {"source": "file://model", "chatTemplate": "chatml"},
+            "dataset": {"sources": [{"uri": data, "format": data_format}], "maxSeqLength": 64},
+            "method": {"type": method},
+        },
+    }
+    if method == "grpo":
+        rule = {"type": "exact-match", "column": "answer"}
+        job["spec"]["method"]["rewards"] = [{"name": "right", "rule": rule}]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    code = main(["validate", "--data", "--samples", "2", str(tmp_path / "job.yaml")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"method {method}: trains on" in captured.out
+    assert "1,000 training records" in captured.out
+    assert "prompt tokens: p50" in captured.out
+    assert expected in captured.out
+    assert "spell: " in captured.out  # the first records, rendered
+    assert not (tmp_path / "lmforge-runs").exists()
+
+    # Short maxSeqLength: drops are counted and explained with the fix.
+    if method == "dpo":
+        job["spec"]["dataset"]["maxSeqLength"] = 16
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        assert main(["validate", "--data", str(tmp_path / "job.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert "no record has an answer token within maxSeqLength 16" in err
+        assert "(the longest prompt is 25 tokens); raise it" in err
+
+
+def test_validate_data_names_the_bad_alignment_record(
+    tmp_path: Path, tokenizer: Any, capsys: Any
+) -> None:
+    import yaml
+
+    from lmforge.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "pairs.jsonl").write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n'
+    )
+    job = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "AlignmentJob",
+        "metadata": {"name": "preview"},
+        "spec": {
+            "model": {"source": "file://model", "chatTemplate": "chatml"},
+            "dataset": {"sources": [{"uri": "pairs.jsonl", "format": "preference"}]},
+            "method": {"type": "dpo"},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["validate", "--data", str(tmp_path / "job.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "pairs.jsonl:line 2" in err and "rejected" in err

@@ -112,6 +112,25 @@ def fits(record: Record, max_length: int) -> bool:
     return len(record["prompt_ids"]) < max_length
 
 
+def fitting(records: list[Record], max_length: int) -> list[Record]:
+    """The records with an answer token within max_length; bad data when none has one."""
+    kept = [r for r in records if fits(r, max_length)]
+    if records and not kept:
+        longest = max(len(r["prompt_ids"]) for r in records)
+        raise DataError(
+            [
+                DataProblem(
+                    "dataset",
+                    "",
+                    "maxSeqLength",
+                    f"no record has an answer token within maxSeqLength {max_length:,} "
+                    f"(the longest prompt is {longest:,} tokens); raise it",
+                )
+            ]
+        )
+    return kept
+
+
 # ---------------------------------------------------------------- scoring
 
 

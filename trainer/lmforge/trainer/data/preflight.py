@@ -98,3 +98,140 @@ def describe(data: PreparedData, tokenizer: Any, max_seq_length: int, samples: i
         )
         lines.append(marked_text(record["input_ids"], record["labels"], tokenizer))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- AlignmentJobs
+# Each method family reads its data as its recipe does (the same functions), so the
+# counts here are the counts training will report.
+
+PAIRED = ("preference", "kto", "reward")
+
+
+def alignment_preflight(config: RunConfig, samples: int = 3) -> str:
+    """What an AlignmentJob's recipe would make of its data, without loading the model.
+
+    Raises DataError for invalid data (file, line, field) and PreflightError when the
+    model's tokenizer cannot be loaded.
+    """
+    from lmforge.trainer.data.loading import load_examples
+    from lmforge.trainer.recipes import METHOD_FAMILIES
+
+    spec = config.spec
+    method = spec.objective
+    family = METHOD_FAMILIES[method]
+    tokenizer = _tokenizer(config.paths.model, spec.model.trust_remote_code)
+    template = resolve_chat_template(spec.model.chat_template, tokenizer)
+    train, evaluation = load_examples(
+        spec.dataset, Path(config.paths.data or "."), seed=spec.training.seed
+    )
+    max_length = spec.dataset.max_seq_length
+    what = {
+        "preference": "preference pairs (prompt, chosen, rejected)",
+        "reward": "preference pairs scored by a reward head",
+        "kto": "labelled completions (desirable or not)",
+    }.get(family, "prompts (responses are generated while training)")
+    lines = [
+        f"method {method}: trains on {what}; {len(train):,} training records, "
+        f"{len(evaluation):,} held out"
+    ]
+    if family in PAIRED:
+        lines += _paired_report(family, method, train, tokenizer, template, max_length, samples)
+    else:
+        lines += _prompt_report(train, tokenizer, template, samples)
+    return "\n".join(lines)
+
+
+def _paired_report(
+    family: str,
+    method: str,
+    examples: list[Any],
+    tokenizer: Any,
+    template: str | None,
+    max_length: int,
+    samples: int,
+) -> list[str]:
+    from lmforge.trainer import pairs
+    from lmforge.trainer.data.tokenization import length_percentiles
+
+    if family == "kto":
+        from lmforge.trainer.recipes.kto import encode_rows
+
+        rows = encode_rows(examples, tokenizer, template)
+        answers = [[r["completion_ids"]] for r in rows]
+        desirable = sum(bool(r["label"]) for r in rows)
+        head = [f"{desirable:,} desirable and {len(rows) - desirable:,} undesirable completions"]
+    else:
+        rows = pairs.encode_pairs(examples, tokenizer, template, method)
+        answers = [[r["chosen_ids"], r["rejected_ids"]] for r in rows]
+        head = []
+    prompts = [len(r["prompt_ids"]) for r in rows]
+    longest = [max(len(a) for a in pair) for pair in answers]
+    totals = [p + a for p, a in zip(prompts, longest, strict=True)]
+    lines = [
+        *head,
+        f"prompt tokens: {percentiles_text(length_percentiles(prompts))}",
+        f"answer tokens (the longer of each record's answers): "
+        f"{percentiles_text(length_percentiles(longest))}",
+    ]
+    n = len(rows)
+    if family == "reward":
+        # A reward model scores whole texts: a pair with a side over the limit is left out.
+        left_out = sum(total > max_length for total in totals)
+        lines.append(f"{left_out:,} of {n:,} pairs longer than maxSeqLength {max_length:,}")
+        if n and left_out / n > 0.01:
+            lines.append(
+                f"warning: {left_out:,} of {n:,} pairs are longer than maxSeqLength "
+                f"{max_length:,} and are left out of training (the longest is "
+                f"{max(totals):,} tokens); raise dataset.maxSeqLength"
+            )
+    else:
+        dropped = sum(not pairs.fits(r, max_length) for r in rows)
+        truncated = sum(total > max_length for total in totals) - dropped
+        lines.append(
+            f"{dropped:,} of {n:,} records dropped (prompt alone reaches maxSeqLength "
+            f"{max_length:,}), {truncated:,} with answers cut at maxSeqLength"
+        )
+        pairs.fitting(rows, max_length)  # none left: bad data, as in training
+        if n and dropped / n > 0.01:
+            lines.append(
+                f"warning: {dropped:,} of {n:,} records have no answer token within "
+                f"maxSeqLength {max_length:,}; the longest prompt is {max(prompts):,} tokens; "
+                "raise dataset.maxSeqLength"
+            )
+        if n and truncated / n > 0.05:
+            lines.append(
+                f"warning: {truncated:,} of {n:,} records have answers cut at maxSeqLength "
+                f"{max_length:,} (the longest record is {max(totals):,} tokens); raise "
+                "dataset.maxSeqLength"
+            )
+    shown = min(samples, n)
+    if shown:
+        lines.append(f"first {shown} training records as the model sees them:")
+    names = ["completion"] if family == "kto" else ["chosen", "rejected"]
+    for i in range(shown):
+        label = ""
+        if family == "kto":
+            label = " (desirable)" if rows[i]["label"] else " (undesirable)"
+        lines.append(f"--- record {i + 1}{label}: prompt {prompts[i]:,} tokens")
+        lines.append(tokenizer.decode(rows[i]["prompt_ids"], skip_special_tokens=False))
+        for name, ids in zip(names, answers[i], strict=True):
+            lines.append(f"--- {name}: {len(ids):,} tokens")
+            lines.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return lines
+
+
+def _prompt_report(
+    examples: list[Any], tokenizer: Any, template: str | None, samples: int
+) -> list[str]:
+    from lmforge.trainer.data.tokenization import encode_prompt, length_percentiles
+
+    prompts = [encode_prompt(e.messages, tokenizer, template) for e in examples]
+    lines = [f"prompt tokens: {percentiles_text(length_percentiles([len(p) for p in prompts]))}"]
+    shown = min(samples, len(prompts))
+    if shown:
+        lines.append(f"first {shown} prompts as the policy sees them:")
+    for i in range(shown):
+        columns = ", ".join(sorted(examples[i].columns)) or "none"
+        lines.append(f"--- prompt {i + 1}: {len(prompts[i]):,} tokens (other fields: {columns})")
+        lines.append(tokenizer.decode(prompts[i], skip_special_tokens=False))
+    return lines

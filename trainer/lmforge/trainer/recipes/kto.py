@@ -151,9 +151,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     )
     max_length = spec.dataset.max_seq_length
     batch = spec.training.batch_size.per_device
-    train_rows = [
-        r for r in encode_rows(train_examples, tokenizer, template) if pairs.fits(r, max_length)
-    ]
+    train_rows = pairs.fitting(encode_rows(train_examples, tokenizer, template), max_length)
     # Paired data gives adjacent chosen/rejected rows: shuffle so batches mix prompts.
     random.Random(f"kto/{spec.training.seed}").shuffle(train_rows)
     train_rows = with_kl_completions(train_rows, batch)

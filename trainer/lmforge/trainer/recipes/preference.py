@@ -153,7 +153,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     train_pairs = pairs.encode_pairs(train_examples, **encode)
     eval_pairs = pairs.encode_pairs(eval_examples, **encode)
     stats = data_stats(train_pairs, eval_pairs, max_length)
-    train_pairs = [r for r in train_pairs if pairs.fits(r, max_length)]
+    train_pairs = pairs.fitting(train_pairs, max_length)
     eval_pairs = [r for r in eval_pairs if pairs.fits(r, max_length)]
     if main:
         export.write_json(out / "data-stats.json", stats)
