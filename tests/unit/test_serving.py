@@ -335,7 +335,34 @@ def test_autoscaling_renders_an_hpa_on_load_and_leaves_replicas_to_it() -> None:
     assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["minReplicas"] == 1  # scale to zero needs KEDA
     assert hpa["spec"]["maxReplicas"] == 5
-    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "8.0"
+    assert hpa["spec"]["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "lmforge_serving_load"},
+                "target": {"type": "AverageValue", "averageValue": "8.0"},
+            },
+        }
+    ]
+
+
+def test_each_autoscaling_metric_is_its_own_per_replica_metric() -> None:
+    """gpu-utilization once scaled on CPU utilization (and every other choice on the same
+    running+waiting count): each choice now names its own Pods metric."""
+    names = {}
+    for metric in ("concurrency", "queue-length", "requests-per-second", "gpu-utilization"):
+        scaling = {"maxReplicas": 3, "metric": metric, "target": 2.5}
+        children = render_children(target(service(autoscaling=scaling), {"model": "pvc://m/b"}))
+        ((spec,),) = [h["spec"]["metrics"] for h in children.of_kind("HorizontalPodAutoscaler")]
+        assert spec["type"] == "Pods"
+        assert spec["pods"]["target"] == {"type": "AverageValue", "averageValue": "2.5"}
+        names[metric] = spec["pods"]["metric"]["name"]
+    assert names == {
+        "concurrency": "lmforge_serving_load",
+        "queue-length": "lmforge_serving_queue_length",
+        "requests-per-second": "lmforge_serving_requests_per_second",
+        "gpu-utilization": "lmforge_serving_gpu_utilization",
+    }
 
 
 def test_example_service_renders() -> None:

@@ -36,9 +36,19 @@ CONTAINER = "server"
 CONFIG_DIR = "/etc/lmforge"
 ADAPTERS_DIR = "/etc/lmforge/adapters"
 STATE_DIR = "/var/run/lmforge"
-# The running+waiting requests per replica the HPA scales on (exported by the metrics
-# pipeline, e.g. prometheus-adapter or KEDA, from vLLM's vllm:num_requests_* gauges).
-LOAD_METRIC = "lmforge_serving_load"
+# The Pods metric (per replica, from the cluster's custom metrics API) the HPA scales on for
+# each `autoscaling.metric`; a metrics adapter (prometheus-adapter, KEDA) serves it from the
+# series in the comment (README: "Autoscaling").
+LOAD_METRICS = {
+    # vllm:num_requests_running + vllm:num_requests_waiting
+    "concurrency": "lmforge_serving_load",
+    # vllm:num_requests_waiting
+    "queue-length": "lmforge_serving_queue_length",
+    # rate(lmforge_serving_requests_total[1m]), summed over adapters
+    "requests-per-second": "lmforge_serving_requests_per_second",
+    # the GPU exporter's utilization in percent (dcgm-exporter: DCGM_FI_DEV_GPU_UTIL)
+    "gpu-utilization": "lmforge_serving_gpu_utilization",
+}
 # A cold model load can take many minutes (weights from a PVC or the hub onto the GPU).
 STARTUP_SECONDS = 1800
 
@@ -318,28 +328,19 @@ def render_service(target: ServingTarget) -> dict[str, Any]:
 
 
 def render_autoscaler(target: ServingTarget) -> dict[str, Any] | None:
-    """An autoscaling/v2 HPA on requests running+waiting per replica (a Pods metric served
-    by the cluster's custom metrics API). minReplicas 0 needs KEDA (an HPA cannot scale to
-    zero), so the HPA's floor is 1; `render` callers report that in status."""
+    """An autoscaling/v2 HPA keeping `autoscaling.metric` per replica near `target` (a Pods
+    metric served by the cluster's custom metrics API, see LOAD_METRICS). minReplicas 0
+    needs KEDA (an HPA cannot scale to zero), so the HPA's floor is 1."""
     scaling = target.service.spec.autoscaling
     if scaling is None:
         return None
-    if scaling.metric == "gpu-utilization":
-        metric = {
-            "type": "Resource",
-            "resource": {
-                "name": "cpu",
-                "target": {"type": "Utilization", "averageUtilization": int(scaling.target)},
-            },
-        }
-    else:
-        metric = {
-            "type": "Pods",
-            "pods": {
-                "metric": {"name": LOAD_METRIC},
-                "target": {"type": "AverageValue", "averageValue": str(scaling.target)},
-            },
-        }
+    metric = {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": LOAD_METRICS[scaling.metric]},
+            "target": {"type": "AverageValue", "averageValue": str(scaling.target)},
+        },
+    }
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
