@@ -233,7 +233,10 @@ def test_autoscaling_follows_the_load_per_replica(
 
     # 15 requests in flight on one replica: 3x the target -> 3 replicas at 5 each.
     custom_metrics.set_load(namespace, metric, 3 * target)
-    wait_scaled(3, "3 replicas at 3x the target")
+    status = wait_scaled(3, "3 replicas at 3x the target")
+    ready = condition(status, "Ready")
+    assert ready is not None and ready["status"] == "True", ready
+    assert ready["message"] == "3 of 3 replicas ready"
     (current,) = wait_for(
         lambda: [
             m

@@ -448,6 +448,26 @@ def test_status_model_waiting_for_its_job_and_failed_adapters() -> None:
     assert status["phase"] == "Degraded" and status["adapters"][0]["state"] == "Failed"
 
 
+def test_status_of_an_autoscaled_service_counts_what_the_hpa_wants() -> None:
+    """The message counts the replicas the HPA chose (the Deployment's spec.replicas); a
+    scale-up still loading its new replicas is Ready, fewer ready than the floor Degraded."""
+
+    def ready_condition(deployment: dict[str, Any]) -> tuple[str, str]:
+        status = decide_status(observed(deployment=deployment, desired_replicas=1))
+        (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
+        return status["phase"], ready["message"]
+
+    scaling_up = {"spec": {"replicas": 3}, "status": {"replicas": 3, "readyReplicas": 1}}
+    assert ready_condition(scaling_up) == ("Ready", "1 of 3 replicas ready")
+    scaled = {"spec": {"replicas": 3}, "status": {"replicas": 3, "readyReplicas": 3}}
+    assert ready_condition(scaled) == ("Ready", "3 of 3 replicas ready")
+    fixed = decide_status(observed(desired_replicas=3))  # spec.replicas 3, 2 ready
+    assert fixed["phase"] == "Degraded"
+    assert [c["message"] for c in fixed["conditions"] if c["type"] == "Ready"] == [
+        "2 of 3 replicas ready"
+    ]
+
+
 def test_lmforge_serve_does_not_import_torch() -> None:
     """The supervisor runs in the main venv (or beside the engine in the image): no torch."""
     import subprocess
