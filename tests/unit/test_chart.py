@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 import yaml
+from lmforge.operator.serving.render import ServingTarget
+from lmforge.operator.serving.render import render_children as render_serving
 from lmforge.operator.training.render import TrainingTarget, render_trainer_access
+from lmforge.operator.training.render import render_children as render_training
 
-from lmforge.api.kinds import FinetuneJob
+from lmforge.api.kinds import FinetuneJob, InferenceService
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts/lmforge"
@@ -187,3 +190,26 @@ def test_rbac_is_enumerated_and_covers_what_the_operator_grants_trainers(tools: 
         if o["kind"] == "Role"
     )
     assert rule_grants(trainer_role["rules"]) <= grants
+
+
+def test_pod_monitor_scrapes_trainers_and_inference_replicas(tools: Path) -> None:
+    """Training pods publish on their `metrics` port; inference replicas serve /metrics
+    beside the OpenAI API on `http` (vLLM's request gauges, which an autoscaling metrics
+    adapter reads): the PodMonitor has an endpoint for each."""
+    monitor = the(render(tools, "--set=metrics.podMonitor.enabled=true"), "PodMonitor")
+    endpoints = {(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]}
+    job = FinetuneJob.model_validate(
+        yaml.safe_load((ROOT / "examples/finetunejob-lora.yaml").read_text())
+    )
+    models = {"model": str(job.spec.model.source)}
+    (training,) = render_training(TrainingTarget(job, "ml", "uid", models)).of_kind("Job")
+    trainer = training["spec"]["template"]["spec"]["containers"][0]
+    assert "metrics" in {p["name"] for p in trainer["ports"]}
+    service = InferenceService.model_validate(
+        yaml.safe_load((ROOT / "examples/inferenceservice.yaml").read_text())
+    )
+    uris = {"model": "pvc://models/llama", "adapters[0]": "", "adapters[1]": ""}
+    (deployment,) = render_serving(ServingTarget(service, "ml", "uid", uris)).of_kind("Deployment")
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert [p["name"] for p in server["ports"]] == ["http"]
+    assert {("metrics", "/metrics"), ("http", "/metrics")} <= endpoints

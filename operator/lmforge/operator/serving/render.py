@@ -37,7 +37,7 @@ CONFIG_DIR = "/etc/lmforge"
 ADAPTERS_DIR = "/etc/lmforge/adapters"
 STATE_DIR = "/var/run/lmforge"
 # The Pods metric (per replica, from the cluster's custom metrics API) the HPA scales on for
-# each `autoscaling.metric`; a metrics adapter (prometheus-adapter, KEDA) serves it from the
+# each `autoscaling.metric`; a metrics adapter (e.g. prometheus-adapter) serves it from the
 # series in the comment (README: "Autoscaling").
 LOAD_METRICS = {
     # vllm:num_requests_running + vllm:num_requests_waiting
