@@ -7,12 +7,15 @@
 #               under gopher-lua, the Lua engine Argo CD itself embeds
 #   prometheus, promtool   Debian's `prometheus` package (apt-get, when missing and root)
 #   @grafana/schema + typescript   from npm, for type-checking the Grafana dashboard
+#   prometheus-operator CRDs   ServiceMonitor, PodMonitor, PrometheusRule from its Go module,
+#               so a real API server validates the chart's monitoring objects
 # Prints the directory holding helm, luahealth and grafana-schema/node_modules. A warm run returns at once.
 set -euo pipefail
 
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 GRAFANA_SCHEMA_VERSION="${GRAFANA_SCHEMA_VERSION:-12.4.11}"
 TYPESCRIPT_VERSION="${TYPESCRIPT_VERSION:-5.9.3}"
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 # gopher-lua: pinned in hack/luahealth/go.mod (v1.1.1, the version Argo CD builds with).
 CACHE="${LMFORGE_CACHE:-$HOME/.cache/lmforge}"
 BIN="$CACHE/bin/tools-helm-$HELM_VERSION"
@@ -48,6 +51,21 @@ if [ ! -x "$NPM_DIR/node_modules/typescript/bin/tsc" ] || [ ! -d "$NPM_DIR/node_
   fi
 fi
 [ -d "$NPM_DIR" ] && ln -sfn "$(basename "$NPM_DIR")" "$BIN/grafana-schema"
+
+# The monitoring CRDs, as the cluster's prometheus-operator would install them.
+PROM_CRDS="$BIN/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION"
+if [ ! -f "$PROM_CRDS/monitoring.coreos.com_prometheusrules.yaml" ] && command -v go >/dev/null; then
+  echo "fetching prometheus-operator $PROMETHEUS_OPERATOR_VERSION CRDs (Go module)" >&2
+  module_dir="$(cd "${TMPDIR:-/tmp}" && GOFLAGS=-mod=mod go mod download -json \
+    "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  mkdir -p "$BIN" && rm -rf "$PROM_CRDS.tmp" && mkdir -p "$PROM_CRDS.tmp"
+  for kind in servicemonitors podmonitors prometheusrules; do
+    cp "$module_dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$PROM_CRDS.tmp/"
+  done
+  rm -rf "$PROM_CRDS" && mv "$PROM_CRDS.tmp" "$PROM_CRDS"
+fi
+[ -d "$PROM_CRDS" ] && ln -sfn "$(basename "$PROM_CRDS")" "$BIN/prometheus-operator-crds"
 
 # luahealth is keyed by its source too, so an edited harness is rebuilt.
 lua_sum="$(cat "$HERE"/luahealth/{main.go,go.mod,go.sum} | sha256sum | cut -c1-12)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "charts/lmforge/files/dashboards/lmforge.json"
+# Series the serving engine's replicas publish (the rest come from the operator and trainers).
+ENGINE_METRICS = re.compile(r"\b(lmforge_serving_\w+|vllm:\w+)")
 
 
 @dataclass
@@ -67,11 +70,17 @@ def query_instant(base: str, query: str, at: float) -> list[dict[str, Any]]:
     return [{"metric": x["metric"], "values": [x["value"]]} for x in body["data"]["result"]]
 
 
-def evaluate(base: str, start: float, end: float, dashboard: Path = DASHBOARD) -> list[PanelData]:
-    """Every panel of the dashboard, queried over [start, end] as Grafana would."""
+def evaluate(
+    base: str, start: float, end: float, engine: bool | None = None, dashboard: Path = DASHBOARD
+) -> list[PanelData]:
+    """The dashboard's queries over [start, end] as Grafana would send them (one PanelData
+    per query): all, or only those on the serving engine's series (engine=True), or only
+    the others (engine=False)."""
     panels = []
     for panel in json.loads(dashboard.read_text())["panels"]:
         for target in panel.get("targets", []):
+            if engine is not None and bool(ENGINE_METRICS.search(target["expr"])) != engine:
+                continue
             query = as_grafana_would(target["expr"], int(end - start) + 1)
             series = []
             # An instant target (a stat of the current state) is evaluated at the end only.
@@ -94,7 +103,7 @@ def evaluate(base: str, start: float, end: float, dashboard: Path = DASHBOARD) -
     return panels
 
 
-def draw(panels: list[PanelData], out: Path) -> None:
+def draw(panels: list[PanelData], out: Path, source: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +136,7 @@ def draw(panels: list[PanelData], out: Path) -> None:
         ax.set_axis_off()
     fig.suptitle(
         "PREVIEW of the LMForge Grafana dashboard's panels, drawn with matplotlib from a real "
-        "Prometheus scrape of the operator and a tiny training run (not Grafana)",
+        f"Prometheus scrape of {source} (not Grafana)",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -142,8 +151,9 @@ def main() -> int:
     parser.add_argument("--start", type=float, required=True)
     parser.add_argument("--end", type=float, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--source", default="LMForge's processes", help="what was scraped")
     args = parser.parse_args()
-    draw(evaluate(args.prometheus, args.start, args.end), args.out)
+    draw(evaluate(args.prometheus, args.start, args.end), args.out, args.source)
     return 0
 
 

@@ -722,12 +722,13 @@ class AdapterStatus(ApiModel):
     message: str = field_("Detail, e.g. why loading failed.", "")
 
 
+ServicePhase = Literal["Pending", "Loading", "Ready", "Degraded", "Failed"]
+
+
 class InferenceServiceStatus(ApiModel):
     """Observed state of an InferenceService."""
 
-    phase: Literal["Pending", "Loading", "Ready", "Degraded", "Failed"] | None = field_(
-        "Pending, Loading, Ready, Degraded or Failed.", None
-    )
+    phase: ServicePhase | None = field_("Pending, Loading, Ready, Degraded or Failed.", None)
     url: str | None = field_("Base URL of the OpenAI-compatible API.", None)
     conditions: ConditionList = field_("Ready, ModelLoaded, AdaptersLoaded.", default_factory=list)
     observed_generation: int | None = field_(

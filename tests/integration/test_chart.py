@@ -343,3 +343,35 @@ def test_readme_argocd_snippet_adds_the_health_checks(installed: Kube) -> None:
         assert (
             data[f"resource.customizations.health.lmforge.io_{kind}"] == (lua / script).read_text()
         )
+
+
+MONITORING = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+
+
+def test_monitoring_objects_pass_the_prometheus_operator_schemas(
+    tools: Path, helm: Helm, crds: Kube, namespace: str
+) -> None:
+    """The chart's ServiceMonitor, PodMonitor and PrometheusRule against the CRDs of
+    prometheus-operator (its Go module): the API server's strict validation accepts them."""
+    files = sorted((tools / "prometheus-operator-crds").glob("*.yaml"))
+    assert len(files) == len(MONITORING), files
+    names = [yaml.safe_load(f.read_text())["metadata"]["name"] for f in files]
+    try:
+        for path in files:  # server-side: these CRDs are too big for the last-applied annotation
+            crds.run("apply", "--server-side", "-f", str(path), check=True)
+        crds.run("wait", "--for=condition=Established", *(f"crd/{n}" for n in names), check=True)
+        flags = [f"--set=metrics.{k[0].lower() + k[1:]}.enabled=true" for k in MONITORING]
+        rendered = helm("template", RELEASE, str(CHART), "-n", namespace, *flags).stdout
+        objects = [o for o in yaml.safe_load_all(rendered) if o and o["kind"] in MONITORING]
+        assert sorted(o["kind"] for o in objects) == sorted(MONITORING)
+        for obj in objects:
+            proc = crds.server_dry_run(obj, namespace)
+            assert proc.returncode == 0, (obj["kind"], proc.stderr)
+        # The check can fail: a misspelt field is refused.
+        monitor = next(o for o in objects if o["kind"] == "PodMonitor")
+        endpoint = monitor["spec"]["podMetricsEndpoints"][-1]
+        endpoint["relabellings"] = endpoint.pop("relabelings")
+        proc = crds.server_dry_run(monitor, namespace)
+        assert proc.returncode != 0 and "relabellings" in proc.stderr, proc.stderr
+    finally:
+        crds.run("delete", "crd", *names, "--ignore-not-found", "--wait=false")

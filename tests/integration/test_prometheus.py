@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import dashboard_preview  # hack/, on sys.path through tests/conftest.py
 import pytest
@@ -24,31 +19,13 @@ import yaml
 
 from tests.integration.conftest import OperatorProcess, wait_for
 from tests.kube import Kube
+from tests.prometheus import RULES, Prometheus, Target, free_port, running_prometheus
 
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts/lmforge/files/dashboards/lmforge.json"
-RULES = ROOT / "charts/lmforge/files/prometheus/alerts.yaml"
 DATA = ROOT / "examples/data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Prometheus:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def api(self, path: str, **params: Any) -> Any:
-        url = f"{self.base}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]
 
 
 @pytest.fixture
@@ -60,49 +37,9 @@ def trainer_port() -> int:
 def prometheus(
     operator: OperatorProcess, trainer_port: int, tmp_path: Path
 ) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: install Debian's 'prometheus' package (make tools)"
-    port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {
-                "job_name": name,
-                "honor_labels": True,  # as the chart's ServiceMonitor and PodMonitor
-                "static_configs": [{"targets": [f"127.0.0.1:{target}"]}],
-            }
-            for name, target in (("lmforge-operator", operator.port), ("trainer", trainer_port))
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    prom = Prometheus(f"http://127.0.0.1:{port}")
-    try:
-        wait_for(lambda: _ready(prom), "Prometheus ready", timeout=60)
+    targets = [Target("lmforge-operator", operator.port), Target("trainer", trainer_port)]
+    with running_prometheus(targets, tmp_path / "prometheus") as prom:
         yield prom
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
-def _ready(prom: Prometheus) -> bool:
-    try:
-        with urllib.request.urlopen(f"{prom.base}/-/ready", timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def training_run(tiny_model: Path, tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
@@ -163,6 +100,19 @@ def test_dashboard_queries_return_data_from_a_real_scrape(
             },
         }
     )
+    # A service whose adapter the job trains: its phase and adapter state are the
+    # operator's series on the dashboard's Serving row.
+    crds.apply(
+        {
+            "apiVersion": "lmforge.io/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": "chat", "namespace": namespace},
+            "spec": {
+                "model": {"source": "hf://org/base-model"},
+                "adapters": [{"name": "tuned", "fromJob": {"name": "watched"}}],
+            },
+        }
+    )
     trainer = training_run(tiny_model, tmp_path, trainer_port)
     try:
         # Scraped while training: several samples of the step, moving.
@@ -195,13 +145,14 @@ def test_dashboard_queries_return_data_from_a_real_scrape(
     assert all(t["scrapeUrl"].startswith("http://127.0.0.1:") for t in targets)
 
     end = time.time()
-    panels = dashboard_preview.evaluate(prometheus.base, started, end)
-    assert len(panels) >= 14
+    # The serving engine's panels are checked against a real engine (tests/serve).
+    panels = dashboard_preview.evaluate(prometheus.base, started, end, engine=False)
+    assert len(panels) >= 16
     empty = [(p.title, p.query) for p in panels if not any(v for _, _, v in p.series)]
     assert empty == [], "dashboard panels without data"
     # The preview committed under docs/ is drawn from such a run (LMFORGE_PREVIEW=path).
     preview = Path(os.environ.get("LMFORGE_PREVIEW") or tmp_path / "preview.png")
-    dashboard_preview.draw(panels, preview)
+    dashboard_preview.draw(panels, preview, "the operator and a tiny training run")
     assert preview.stat().st_size > 10_000
 
     dashboard = json.loads(DASHBOARD.read_text())

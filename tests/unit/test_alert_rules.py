@@ -47,6 +47,8 @@ def test_every_alert_is_tested_firing() -> None:
         "LMForgeJobStuckPending",
         "LMForgeOperatorDown",
         "LMForgeReconcileErrors",
+        "LMForgeInferenceServiceNotReady",
+        "LMForgeAdapterFailed",
     }
     doc = yaml.safe_load(RULE_TESTS.read_text())
     fired = {

@@ -82,6 +82,7 @@ def test_default_install_objects(tools: Path) -> None:
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/lmforge/operator:0.1.0"
     assert "--trainer-image=ghcr.io/lmforge/trainer:0.1.0" in container["args"]
+    assert "--inferencer-image=ghcr.io/lmforge/inferencer:0.1.0" in container["args"]
     assert not any(a.startswith("--namespace") for a in container["args"])
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -105,10 +106,18 @@ def test_images_come_from_values(tools: Path) -> None:
         "image.operator.repository=registry.local/op,image.operator.tag=dev",
         "--set",
         "image.trainer.repository=registry.local/trainer,image.trainer.tag=cu124",
+        "--set",
+        "image.inferencer.repository=registry.local/vllm,image.inferencer.tag=cpu",
     )
     (container,) = the(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.local/op:dev"
     assert "--trainer-image=registry.local/trainer:cu124" in container["args"]
+    assert "--inferencer-image=registry.local/vllm:cpu" in container["args"]
+    # The operator parses what the chart passes.
+    from lmforge.operator.main import parse_args
+
+    args = parse_args([a for a in container["args"] if a.startswith("--")])
+    assert args.inferencer_image == "registry.local/vllm:cpu"
 
 
 def test_namespace_scoped_mode_has_no_cluster_rights(tools: Path) -> None:
@@ -152,6 +161,34 @@ def test_monitoring_objects_only_when_the_cluster_has_them_or_asked(tools: Path)
     assert not set(MONITORING) & set(kinds(render(tools, *apis, *refused)))
 
 
+def test_pod_monitor_scrapes_the_ports_trainers_and_replicas_have(tools: Path) -> None:
+    """Each PodMonitor endpoint names a port our pods really have, and both kinds of pod
+    are covered: trainers (lmforge_train_*) and serving replicas (vllm:*, lmforge_serving_*)."""
+    monitor = the(render(tools, "--set=metrics.podMonitor.enabled=true"), "PodMonitor")
+    endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
+    job = FinetuneJob.model_validate(
+        yaml.safe_load((ROOT / "examples/finetunejob-lora.yaml").read_text())
+    )
+    service = InferenceService.model_validate(
+        yaml.safe_load((ROOT / "examples/inferenceservice.yaml").read_text())
+    )
+    uris = {"model": "pvc://models/base"}
+    trainer = the(render_training(TrainingTarget(job, "ml", "uid", uris)).objects, "Job")
+    replica = the(
+        render_serving(ServingTarget(service, "ml", "uid", uris, ())).objects, "Deployment"
+    )
+    selector = monitor["spec"]["selector"]["matchExpressions"]
+    for pod in (trainer["spec"]["template"], replica["spec"]["template"]):
+        assert all(e["key"] in pod["metadata"]["labels"] for e in selector)
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports & set(endpoints), (ports, set(endpoints))
+    (relabel,) = endpoints["http"]["relabelings"]
+    assert relabel["targetLabel"] == "job_name"
+    label = relabel["sourceLabels"][0].removeprefix("__meta_kubernetes_pod_label_")
+    pod_labels = replica["spec"]["template"]["metadata"]["labels"]
+    assert label in {k.replace(".", "_").replace("/", "_").replace("-", "_") for k in pod_labels}
+
+
 def test_prometheus_rule_and_dashboard_are_the_tested_files(tools: Path) -> None:
     objects = render(tools, "--set=metrics.prometheusRule.enabled=true")
     rules = yaml.safe_load((CHART / "files/prometheus/alerts.yaml").read_text())
@@ -190,26 +227,3 @@ def test_rbac_is_enumerated_and_covers_what_the_operator_grants_trainers(tools: 
         if o["kind"] == "Role"
     )
     assert rule_grants(trainer_role["rules"]) <= grants
-
-
-def test_pod_monitor_scrapes_trainers_and_inference_replicas(tools: Path) -> None:
-    """Training pods publish on their `metrics` port; inference replicas serve /metrics
-    beside the OpenAI API on `http` (vLLM's request gauges, which an autoscaling metrics
-    adapter reads): the PodMonitor has an endpoint for each."""
-    monitor = the(render(tools, "--set=metrics.podMonitor.enabled=true"), "PodMonitor")
-    endpoints = {(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]}
-    job = FinetuneJob.model_validate(
-        yaml.safe_load((ROOT / "examples/finetunejob-lora.yaml").read_text())
-    )
-    models = {"model": str(job.spec.model.source)}
-    (training,) = render_training(TrainingTarget(job, "ml", "uid", models)).of_kind("Job")
-    trainer = training["spec"]["template"]["spec"]["containers"][0]
-    assert "metrics" in {p["name"] for p in trainer["ports"]}
-    service = InferenceService.model_validate(
-        yaml.safe_load((ROOT / "examples/inferenceservice.yaml").read_text())
-    )
-    uris = {"model": "pvc://models/llama", "adapters[0]": "", "adapters[1]": ""}
-    (deployment,) = render_serving(ServingTarget(service, "ml", "uid", uris)).of_kind("Deployment")
-    (server,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert [p["name"] for p in server["ports"]] == ["http"]
-    assert {("metrics", "/metrics"), ("http", "/metrics")} <= endpoints

@@ -56,6 +56,7 @@ class Dispatch:
         instances: dict[type[Any], Any] = {}
         self.by_kind: dict[str, Reconciler | ServingReconciler] = {}
         self.cache = ClusterCache()  # the training reconciler's reads (kopf indexes)
+        self.metrics = metrics
         for kind, cls in RECONCILERS.items():
             if cls not in instances:
                 extra = (self.cache,) if cls is Reconciler else ()
@@ -64,6 +65,12 @@ class Dispatch:
 
     def reconcile(self, kind: str, namespace: str, name: str) -> None:
         self.by_kind[kind].reconcile(kind, namespace, name)
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """The object is gone: drop its cached state and its per-object series (a deleted
+        Failed job must not keep LMForgeJobFailed firing)."""
+        self.cache.forget((kind, namespace, name))
+        self.metrics.forget(kind, namespace, name)
 
     def note_disruption(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
         self.by_kind[kind].note_disruption(kind, namespace, name, pod)
@@ -86,7 +93,7 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
         def on_event(**kw: Any) -> None:
             cache.attach(kw)
             if kw["type"] == "DELETED":
-                cache.forget((kind, kw["namespace"], kw["name"]))
+                reconciler.forget(kind, kw["namespace"], kw["name"])
             else:
                 reconcile_quietly(kind, kw["namespace"], kw["name"])
 
@@ -179,7 +186,7 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lmforge operator", description=__doc__)
     parser.add_argument(
         "--namespace",
@@ -203,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inferencer-image", default=OperatorSettings.inferencer_image)
     parser.add_argument("--resync-seconds", type=float, default=10)
     parser.add_argument("--log-format", choices=["json", "plain"], default="json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     kopf.configure(
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN

@@ -8,29 +8,36 @@ from collections import Counter as Tally
 from collections.abc import Callable
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, get_args
 
 from lmforge.operator.training.lifecycle import Failure
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lmforge.api.kinds import TRAINING_KINDS
+from lmforge.api.kinds import KINDS, TRAINING_KINDS, JobPhase, ServicePhase
 
-PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = get_args(JobPhase)
+SERVICE_KIND = "InferenceService"
+# The phases each kind's status can show (a zero series for each, per kind).
+PHASES_BY_KIND = {kind: PHASES for kind in TRAINING_KINDS} | {SERVICE_KIND: get_args(ServicePhase)}
 # Series created at start (value 0) so that rates, alerts and dashboard panels have data
 # before the first reconcile error or restart, as Prometheus's naming guide recommends.
 RESTART_REASONS = tuple(f.value for f in Failure if f.retryable)
 
 
 class OperatorMetrics:
-    """Jobs by phase, per-job phase, leadership, reconciles, errors, durations, restarts
-    and GPU-hours. Label names avoid `job` and `instance`, which Prometheus sets itself."""
+    """Jobs and services by phase, per-object phase, adapter states, leadership, reconciles,
+    errors, durations, restarts and GPU-hours. Label names avoid `job` and `instance`,
+    which Prometheus sets itself; `job_name` names the job or InferenceService."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs = Gauge(
-            "lmforge_jobs", "Training jobs by kind and phase", ["kind", "phase"], registry=r
+            "lmforge_jobs",
+            "Training jobs and InferenceServices by kind and phase",
+            ["kind", "phase"],
+            registry=r,
         )
         self.reconciles = Counter("lmforge_reconcile_total", "Reconciles run", ["kind"], registry=r)
         self.reconcile_errors = Counter(
@@ -81,8 +88,14 @@ class OperatorMetrics:
         )
         self.job_phase = Gauge(
             "lmforge_job_phase",
-            "1 for the current phase of each training job (alerts on stuck or failed jobs)",
+            "1 for the current phase of each training job and InferenceService",
             ["kind", "namespace", "job_name", "phase"],
+            registry=r,
+        )
+        self.adapter_state = Gauge(
+            "lmforge_adapter_state",
+            "1 for the current state of each adapter of each InferenceService",
+            ["namespace", "job_name", "adapter", "state"],
             registry=r,
         )
         self.leader = Gauge(
@@ -90,13 +103,15 @@ class OperatorMetrics:
             "1 while this replica holds the leader-election Lease and acts",
             registry=r,
         )
-        for kind in TRAINING_KINDS:
+        for kind in KINDS:
             self.reconciles.labels(kind)
             self.reconcile_errors.labels(kind)
+        for kind in TRAINING_KINDS:
             self.gpu_hours.labels(kind)
             for reason in RESTART_REASONS:
                 self.restarts.labels(kind, reason)
         self._phases: dict[tuple[str, str, str], str] = {}
+        self._adapters: dict[tuple[str, str], dict[str, str]] = {}
         self._gpu_seen: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
 
@@ -116,12 +131,25 @@ class OperatorMetrics:
                 self.job_phase.remove(kind, namespace, name, previous)
             self._gpu_seen.pop((kind, namespace, name), None)
             self._refresh()
+        if kind == SERVICE_KIND:
+            self.record_adapters(namespace, name, {})
+
+    def record_adapters(self, namespace: str, name: str, states: dict[str, str]) -> None:
+        """An InferenceService's adapters now: adapter name -> state (Loaded, Failed, ...)."""
+        with self._lock:
+            previous = self._adapters.pop((namespace, name), {})
+            for adapter, state in previous.items():
+                if states.get(adapter) != state:
+                    self.adapter_state.remove(namespace, name, adapter, state)
+            for adapter, state in states.items():
+                self.adapter_state.labels(namespace, name, adapter, state).set(1)
+            if states:
+                self._adapters[(namespace, name)] = dict(states)
 
     def _refresh(self) -> None:
         counts = Tally((k, p) for (k, _, _), p in self._phases.items())
-        kinds = {k for k, _ in counts} | set(TRAINING_KINDS)  # zero series for every kind
-        for kind in kinds:
-            for phase in PHASES:
+        for kind, phases in PHASES_BY_KIND.items():  # zero series for every kind and phase
+            for phase in phases:
                 self.jobs.labels(kind, phase).set(counts.get((kind, phase), 0))
 
     def observe_finished(self, kind: str, phase: str, created: str | None) -> None:

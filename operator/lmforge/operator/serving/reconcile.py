@@ -76,6 +76,7 @@ class ServingReconciler:
     def _reconcile(self, namespace: str, name: str) -> None:
         body = self.kube.get(KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            self.metrics.forget(KIND, namespace, name)
             return
         meta = body["metadata"]
         generation = int(meta.get("generation", 1))
@@ -138,6 +139,9 @@ class ServingReconciler:
         if new != status:
             self.kube.patch_status(KIND, namespace, name, new)
         self.metrics.record_phase(KIND, namespace, name, new.get("phase", "Pending"))
+        self.metrics.record_adapters(
+            namespace, name, {a["name"]: a["state"] for a in new.get("adapters", [])}
+        )
 
     def _resolve(
         self, service: InferenceService, namespace: str
@@ -213,6 +217,7 @@ class ServingReconciler:
         if new != status:
             self.kube.patch_status(KIND, namespace_of(meta), meta["name"], new)
             self.kube.event(body, "Warning", reason, message)
+        self.metrics.record_phase(KIND, namespace_of(meta), meta["name"], "Failed")
 
 
 def namespace_of(meta: dict[str, Any]) -> str:
