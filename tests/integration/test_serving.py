@@ -202,17 +202,21 @@ def test_autoscaling_follows_the_load_per_replica(
     custom_metrics.set_load(namespace, metric, 0)
     crds.apply(body, "-n", namespace)
 
+    def child(kind: str) -> dict[str, Any]:
+        """The operator's child, {} until it has created it."""
+        got = crds.run("get", kind, "busy", "-n", namespace, "-o", "json")
+        return dict(json.loads(got.stdout)) if got.returncode == 0 else {}
+
     def hpa_status() -> dict[str, Any]:
-        got = crds.run("get", "hpa", "busy", "-n", namespace, "-o", "json")
-        return dict(json.loads(got.stdout).get("status") or {}) if got.returncode == 0 else {}
+        return dict(child("hpa").get("status") or {})
 
     def scaled_to(replicas: int) -> dict[str, Any] | bool:
         hpa = hpa_status()
-        deployment = crds.get("deployment", "busy", "-n", namespace)
+        deployment = child("deployment")
         status = service_status(crds, namespace, "busy")
         return (
             hpa.get("desiredReplicas") == replicas
-            and deployment["spec"].get("replicas") == replicas
+            and (deployment.get("spec") or {}).get("replicas") == replicas
             and (deployment.get("status") or {}).get("readyReplicas") == replicas
             and status.get("replicas") == replicas
             and status.get("readyReplicas") == replicas
