@@ -270,3 +270,46 @@ def test_autoscaling_follows_the_load_per_replica(
     assert {(r.metric, ",".join(sorted(r.label_selector.split(",")))) for r in asked} == {
         (metric, selector)
     }
+
+
+def test_switching_to_autoscaling_keeps_the_running_replicas(
+    crds: Kube, operator: OperatorProcess, namespace: str, custom_metrics: CustomMetricsAPI
+) -> None:
+    """A service at 3 fixed replicas switched to autoscaling, under a load that wants 3,
+    keeps its 3 replicas: none is dropped on the way (each would cost a cold model load
+    to bring back)."""
+    metric, target = "lmforge_serving_load", 5
+    custom_metrics.set_load(namespace, metric, 3 * target)
+    crds.apply(inference_service("steady", replicas=3), "-n", namespace)
+    wait_for(
+        lambda: service_status(crds, namespace, "steady").get("readyReplicas") == 3,
+        "3 fixed replicas ready",
+    )
+
+    def replicas() -> dict[str, str]:
+        pods = crds.get("pods", "-n", namespace, "-l", "lmforge.io/job-name=steady")["items"]
+        return {
+            p["metadata"]["name"]: p["metadata"]["uid"]
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+        }
+
+    before = replicas()
+    assert len(before) == 3
+    scaling = {"minReplicas": 1, "maxReplicas": 4, "metric": "concurrency", "target": target}
+    crds.patch(
+        "inferenceservice",
+        "steady",
+        namespace,
+        {"spec": {"replicas": None, "autoscaling": scaling}},
+    )
+
+    def hpa_settled() -> bool:
+        got = crds.run("get", "hpa", "steady", "-n", namespace, "-o", "json")
+        status = json.loads(got.stdout).get("status") or {} if got.returncode == 0 else {}
+        active = condition(status, "ScalingActive")
+        return bool(active and active["status"] == "True" and status.get("desiredReplicas") == 3)
+
+    wait_for(hpa_settled, "the HPA acting on the load (3 replicas wanted)", timeout=90)
+    assert crds.get("deployment", "steady", "-n", namespace)["spec"]["replicas"] == 3
+    assert replicas() == before

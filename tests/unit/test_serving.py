@@ -15,6 +15,7 @@ from lmforge.operator.serving.render import (
     ServingTarget,
     desired_adapters,
     render_children,
+    replicas_handover,
 )
 from prometheus_client import REGISTRY
 
@@ -363,6 +364,39 @@ def test_each_autoscaling_metric_is_its_own_per_replica_metric() -> None:
         "requests-per-second": "lmforge_serving_requests_per_second",
         "gpu-utilization": "lmforge_serving_gpu_utilization",
     }
+
+
+def test_fixed_replicas_are_handed_over_when_autoscaling_takes_over() -> None:
+    """Switching from fixed replicas to autoscaling must not reset the Deployment to 1:
+    replicas the operator applied go to a handover manager first (a pure decision on the
+    live Deployment's managedFields)."""
+    scaled = target(
+        service(autoscaling={"maxReplicas": 4, "target": 5}), {"model": "pvc://models/base"}
+    )
+
+    def live(replicas: int, manager: str, operation: str = "Apply") -> dict[str, Any]:
+        fields = {"f:spec": {"f:replicas": {}, "f:template": {}}}
+        return {
+            "metadata": {
+                "name": "chat",
+                "managedFields": [{"manager": manager, "operation": operation, "fieldsV1": fields}],
+            },
+            "spec": {"replicas": replicas},
+        }
+
+    assert replicas_handover(scaled, live(3, "lmforge-operator")) == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "chat", "namespace": "ns"},
+        "spec": {"replicas": 3},
+    }
+    # Already the HPA's (kube-controller-manager updates the scale), or no Deployment yet.
+    assert replicas_handover(scaled, live(3, "kube-controller-manager", "Update")) is None
+    assert replicas_handover(scaled, None) is None
+    # Zero replicas would keep the HPA from acting: let the field default to 1.
+    assert replicas_handover(scaled, live(0, "lmforge-operator")) is None
+    fixed = target(service(replicas=3), {"model": "pvc://models/base"})
+    assert replicas_handover(fixed, live(3, "lmforge-operator")) is None
 
 
 def test_example_service_renders() -> None:

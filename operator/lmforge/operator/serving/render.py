@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.operator import pods
-from lmforge.operator.ownership import child_labels, child_metadata, selector_labels
+from lmforge.operator.ownership import MANAGED_BY, child_labels, child_metadata, selector_labels
 from lmforge.operator.settings import OperatorSettings
 from lmforge.operator.storage import CACHE_MOUNT, Mounts, plan_mounts, pvc_path
 
@@ -311,6 +311,40 @@ def render_deployment(target: ServingTarget, mounts: Mounts) -> dict[str, Any]:
         "kind": "Deployment",
         "metadata": _metadata(target, deployment_name(target)),
         "spec": deployment_spec,
+    }
+
+
+# The field manager that holds a Deployment's spec.replicas between the operator letting go
+# of them and the HPA's first write (see replicas_handover).
+REPLICAS_HANDOVER = f"{MANAGED_BY}-replicas-handover"
+
+
+def replicas_handover(target: ServingTarget, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What to apply, as REPLICAS_HANDOVER, before a Deployment the operator gave fixed
+    replicas is applied without them (autoscaling switched on): its current replica count.
+
+    Server-side apply deletes a field its last owner stops applying, and a Deployment
+    without replicas defaults to 1: switching from `replicas: 3` to autoscaling would drop
+    two serving replicas before the HPA's first look at the load. Kubernetes' documented
+    way out is handing the field to another manager first, which keeps it until the HPA
+    writes it. None when there is nothing to hand over; also at 0 replicas, which would
+    keep the HPA off (it leaves a target at zero alone): the default 1 is its floor."""
+    if target.service.spec.autoscaling is None or live is None:
+        return None
+    replicas = (live.get("spec") or {}).get("replicas")
+    ours = any(
+        entry.get("manager") == MANAGED_BY
+        and entry.get("operation") == "Apply"
+        and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        for entry in live["metadata"].get("managedFields") or []
+    )
+    if not ours or not replicas:
+        return None
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_name(target), "namespace": target.namespace},
+        "spec": {"replicas": replicas},
     }
 
 
