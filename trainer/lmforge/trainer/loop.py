@@ -7,16 +7,17 @@ from __future__ import annotations
 import logging
 import os
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lmforge.trainer import checkpoints, sharding
+from lmforge.trainer import checkpoints, export, sharding
 from lmforge.trainer.console import Console
-from lmforge.trainer.launch import strategy_problem
-from lmforge.trainer.model import MethodError, Precision
+from lmforge.trainer.launch import rank, strategy_problem
+from lmforge.trainer.model import MethodError, Precision, parameter_counts
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -337,3 +338,108 @@ def training_kwargs(
     else:
         kwargs["num_train_epochs"] = training.epochs
     return kwargs
+
+
+# ---------------------------------------------------------------- one run, start to end
+# What every Trainer-based recipe does the same way around its own loss: train (resuming
+# from the last complete checkpoint), count, and publish what it produced.
+
+
+def train_resuming(
+    trainer: Any, config: RunConfig, reporter: ProgressReporter | None
+) -> tuple[Any, Path | None]:
+    """Train, resuming from the last complete checkpoint when checkpoint.resume is auto;
+    complete checkpoints are announced on the progress channel. (result, resumed from)."""
+    spec = config.spec
+    trainer.keep_checkpoints = spec.checkpoint.keep
+    if reporter is not None:
+        trainer.on_checkpoint = reporter.checkpoint
+    checkpoints_dir = config.output_dir / "checkpoints"
+    if rank() == 0:
+        checkpoints.clear_staging(checkpoints_dir)
+    resume = None
+    if spec.checkpoint.resume == "auto":
+        resume = checkpoints.latest_complete_checkpoint(checkpoints_dir)
+        if resume is not None:
+            log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return result, resume
+
+
+def final_eval_loss(trainer: Any) -> float:
+    """Eval loss at the last step: the Trainer's own end-of-training evaluation if it ran."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return float(entry["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def peak_memory() -> int:
+    """Peak GPU memory allocated, or this process's peak RSS on CPU (bytes)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def run_metrics(trainer: Any, result: Any, resume: Path | None, started: float) -> dict[str, Any]:
+    """The figures every Trainer-based run reports, beside its method's own."""
+    trainable, total = parameter_counts(trainer.model)
+    return {
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "wall_time_seconds": round(time.monotonic() - started, 2),
+        "peak_memory_bytes": peak_memory(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
+        "world_size": trainer.args.world_size,
+        "strategy": sharding.strategy_in_use(trainer),
+    }
+
+
+def save_outputs(
+    config: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    template: str | None,
+    *,
+    start: str | None = None,
+    weights: dict[str, Any] | None = None,
+) -> Path:
+    """final/ (and merged/ when tuning.mergeOnExport asks, merged onto `start`, by default
+    the run's model). Returns final/."""
+    final = export.save_final(model, tokenizer, template, config.output_dir, weights)
+    if config.spec.tuning.merge_on_export:
+        export.save_merged(start or config.paths.model, final, tokenizer, config.output_dir)
+    return final
+
+
+def publish(
+    config: RunConfig,
+    final: Path,
+    metrics: dict[str, Any],
+    reporter: ProgressReporter,
+    *,
+    trainer: Any = None,
+    step: int | None = None,
+) -> None:
+    """Model card, loss curve (runs with a Trainer), metrics.json; the progress channel
+    reports the last step and closes with the output and the scalar metrics."""
+    out = config.output_dir
+    export.write_model_card(config, final, metrics)
+    if trainer is not None:
+        export.plot_loss(trainer.state.log_history, out / "loss.png")
+    export.write_json(out / "metrics.json", metrics)
+    log.info("final %s written to %s", export.output_kind(config), final)
+    if trainer is not None:
+        step = trainer.state.global_step
+        reporter.update(
+            step=step,
+            total_steps=step,
+            epoch=trainer.state.epoch,
+            eval_loss=metrics.get("eval_loss"),
+            force=True,
+        )
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+    reporter.finish({"output": str(final), "step": step, "metrics": scalars})

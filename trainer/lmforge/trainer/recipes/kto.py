@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from lmforge.trainer import checkpoints, export, pairs
+from lmforge.trainer import export, pairs
 from lmforge.trainer.data import (
     DataError,
     DataProblem,
@@ -32,6 +32,9 @@ from lmforge.trainer.loop import (
     AdaLoraCallback,
     ProgressCallback,
     TimedCheckpointCallback,
+    final_eval_loss,
+    run_metrics,
+    train_resuming,
     training_kwargs,
     with_atomic_checkpoints,
 )
@@ -224,23 +227,15 @@ def run(config: RunConfig) -> dict[str, Any]:
         trainer.add_callback(AdaLoraCallback(trainer.model))
     trainable, total = parameter_counts(trainer.model)
     log.info("kto with %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
-    result, resume = preference.train(trainer, config, reporter)
+    result, resume = train_resuming(trainer, config, reporter)
 
     policy_after = pairs.pair_logps(trainer.model, score, pad_token_id=pad, max_length=max_length)
     metrics: dict[str, Any] = {
         **preference.preference_metrics(
             "kto", policy_before, policy_after, reference_scores, spec.method.beta
         ),
-        "train_loss": result.training_loss,
-        "eval_loss": preference.final_eval_loss(trainer) if eval_rows else None,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "wall_time_seconds": round(time.monotonic() - started, 2),
-        "peak_memory_bytes": sft._peak_memory(),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
-        "world_size": trainer.args.world_size,
+        **run_metrics(trainer, result, resume, started),
+        "eval_loss": final_eval_loss(trainer) if eval_rows else None,
     }
     if metrics["preference_accuracy"] is not None:
         log.info(

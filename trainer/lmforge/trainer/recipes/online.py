@@ -22,12 +22,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from lmforge.trainer import checkpoints, export
 from lmforge.trainer.data import Example, encode_prompt, load_examples, resolve_chat_template
 from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import (
     ProgressCallback,
     TimedCheckpointCallback,
+    publish,
+    run_metrics,
+    save_outputs,
+    train_resuming,
     training_kwargs,
     with_atomic_checkpoints,
 )
@@ -302,21 +305,10 @@ def run(config: RunConfig) -> dict[str, Any]:
         callbacks=callbacks,
         peft_config=adapter,
     )
-    trainer.keep_checkpoints = spec.checkpoint.keep
-    if reporter is not None:
-        trainer.on_checkpoint = reporter.checkpoint
     trainable, total = parameter_counts(trainer.model)
     log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
 
-    checkpoints_dir = out / "checkpoints"
-    if main:
-        checkpoints.clear_staging(checkpoints_dir)
-    resume = None
-    if spec.checkpoint.resume == "auto":
-        resume = checkpoints.latest_complete_checkpoint(checkpoints_dir)
-        if resume is not None:
-            log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result, resume = train_resuming(trainer, config, reporter)
 
     after = evaluate(trainer.model)
     if after is not None:
@@ -324,41 +316,16 @@ def run(config: RunConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "reward_before": before["reward"] if before else None,
         "reward_after": after["reward"] if after else None,
-        "train_loss": result.training_loss,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "wall_time_seconds": round(time.monotonic() - started, 2),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
-        "world_size": trainer.args.world_size,
+        **run_metrics(trainer, result, resume, started),
     }
     for label, means in (("before", before), ("after", after)):
         for name, value in (means or {}).items():
             if name != "reward":
                 metrics[f"reward_{label}/{name}"] = value
     if main:
-        final = export.save_final(trainer.model, tokenizer, template, out)
-        if spec.tuning.merge_on_export:
-            export.save_merged(config.paths.model, final, tokenizer, out)
-        export.write_model_card(config, final, metrics)
-        export.plot_loss(trainer.state.log_history, out / "loss.png")
-        export.write_json(out / "metrics.json", metrics)
-        log.info("final %s written to %s", export.output_kind(config), final)
         assert reporter is not None
-        reporter.update(
-            step=trainer.state.global_step,
-            total_steps=trainer.state.global_step,
-            epoch=trainer.state.epoch,
-            force=True,
-        )
-        reporter.finish(
-            {
-                "output": str(final),
-                "step": trainer.state.global_step,
-                "metrics": {k: v for k, v in metrics.items() if v is not None},
-            }
-        )
+        final = save_outputs(config, trainer.model, tokenizer, template)
+        publish(config, final, metrics, reporter, trainer=trainer)
     return metrics
 
 

@@ -29,6 +29,7 @@ import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import resolve_chat_template
 from lmforge.trainer.launch import rank
+from lmforge.trainer.loop import publish
 from lmforge.trainer.onpolicy import (
     held_out_reward,
     load_prompts,
@@ -361,15 +362,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }
     final = export.save_final(model, tokenizer, template, out)
-    export.write_model_card(config, final, metrics)
-    export.write_json(out / "metrics.json", metrics)
-    reporter.finish(
-        {
-            "output": str(final),
-            "step": len(state["rounds"]),
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        }
-    )
+    publish(config, final, metrics, reporter, step=len(state["rounds"]))
     return metrics
 
 

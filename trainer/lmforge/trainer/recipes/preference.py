@@ -22,13 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from lmforge.trainer import checkpoints, export, pairs
+from lmforge.trainer import export, pairs
 from lmforge.trainer.data import load_examples, resolve_chat_template
 from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import (
     AdaLoraCallback,
     ProgressCallback,
     TimedCheckpointCallback,
+    final_eval_loss,
+    publish,
+    run_metrics,
+    save_outputs,
+    train_resuming,
     training_kwargs,
     with_atomic_checkpoints,
 )
@@ -206,23 +211,15 @@ def run(config: RunConfig) -> dict[str, Any]:
         trainable,
         total,
     )
-    result, resume = train(trainer, config, reporter)
+    result, resume = train_resuming(trainer, config, reporter)
 
     policy_after = pairs.pair_logps(trainer.model, score, pad_token_id=pad, max_length=max_length)
     metrics: dict[str, Any] = {
         **preference_metrics(
             spec.method.type, policy_before, policy_after, reference_scores, spec.method.beta
         ),
-        "train_loss": result.training_loss,
+        **run_metrics(trainer, result, resume, started),
         "eval_loss": final_eval_loss(trainer) if eval_pairs else None,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "wall_time_seconds": round(time.monotonic() - started, 2),
-        "peak_memory_bytes": sft._peak_memory(),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
-        "world_size": trainer.args.world_size,
     }
     if metrics["preference_accuracy"] is not None:
         log.info(
@@ -278,31 +275,6 @@ def load_reference(config: RunConfig, precision: Precision) -> Any:
     return reference.eval()
 
 
-def train(trainer: Any, config: RunConfig, reporter: ProgressReporter | None) -> tuple[Any, Any]:
-    """Train, resuming from the last complete checkpoint when checkpoint.resume is auto."""
-    spec = config.spec
-    trainer.keep_checkpoints = spec.checkpoint.keep
-    if reporter is not None:
-        trainer.on_checkpoint = reporter.checkpoint
-    checkpoints_dir = config.output_dir / "checkpoints"
-    if rank() == 0:
-        checkpoints.clear_staging(checkpoints_dir)
-    resume = None
-    if spec.checkpoint.resume == "auto":
-        resume = checkpoints.latest_complete_checkpoint(checkpoints_dir)
-        if resume is not None:
-            log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return result, resume
-
-
-def final_eval_loss(trainer: Any) -> float | None:
-    for entry in reversed(trainer.state.log_history):
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return float(entry["eval_loss"])
-    return float(trainer.evaluate()["eval_loss"])
-
-
 def finish(
     config: RunConfig,
     trainer: Any,
@@ -319,27 +291,8 @@ def finish(
         start = str(out / "base")  # see start_model
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = start
-    final = export.save_final(model, tokenizer, template, out)
-    if config.spec.tuning.merge_on_export:
-        export.save_merged(start, final, tokenizer, out)
-    export.write_model_card(config, final, metrics)
-    export.plot_loss(trainer.state.log_history, out / "loss.png")
-    export.write_json(out / "metrics.json", metrics)
-    log.info("final %s written to %s", export.output_kind(config), final)
-    reporter.update(
-        step=trainer.state.global_step,
-        total_steps=trainer.state.global_step,
-        epoch=trainer.state.epoch,
-        eval_loss=metrics.get("eval_loss"),
-        force=True,
-    )
-    reporter.finish(
-        {
-            "output": str(final),
-            "step": trainer.state.global_step,
-            "metrics": {k: v for k, v in metrics.items() if v is not None},
-        }
-    )
+    final = save_outputs(config, model, tokenizer, template, start=start)
+    publish(config, final, metrics, reporter, trainer=trainer)
 
 
 # ---------------------------------------------------------------- metrics

@@ -25,6 +25,7 @@ import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import DataCollator, Example, resolve_chat_template, tokenize_examples
 from lmforge.trainer.launch import rank
+from lmforge.trainer.loop import publish
 from lmforge.trainer.model import parameter_counts
 from lmforge.trainer.onpolicy import (
     held_out_reward,
@@ -231,15 +232,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }
     final = export.save_final(model, tokenizer, template, out)
-    export.write_model_card(config, final, metrics)
-    export.write_json(out / "metrics.json", metrics)
-    reporter.finish(
-        {
-            "output": str(final),
-            "step": len(state["rounds"]),
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        }
-    )
+    publish(config, final, metrics, reporter, step=len(state["rounds"]))
     return metrics
 
 

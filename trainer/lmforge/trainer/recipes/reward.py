@@ -18,12 +18,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from lmforge.trainer import checkpoints, export
+from lmforge.trainer import export
 from lmforge.trainer.data import Example, load_examples, resolve_chat_template
 from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import (
     ProgressCallback,
     TimedCheckpointCallback,
+    publish,
+    run_metrics,
+    train_resuming,
     training_kwargs,
     with_atomic_checkpoints,
 )
@@ -157,19 +160,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.keep_checkpoints = spec.checkpoint.keep
-    if reporter is not None:
-        trainer.on_checkpoint = reporter.checkpoint
-
-    checkpoints_dir = out / "checkpoints"
-    if main:
-        checkpoints.clear_staging(checkpoints_dir)
-    resume = None
-    if spec.checkpoint.resume == "auto":
-        resume = checkpoints.latest_complete_checkpoint(checkpoints_dir)
-        if resume is not None:
-            log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result, resume = train_resuming(trainer, config, reporter)
 
     scorer = trainer.model
     if hasattr(scorer, "merge_and_unload"):  # PEFT: one plain model directory for later jobs
@@ -184,33 +175,10 @@ def run(config: RunConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "pair_accuracy": accuracy,
         "pair_accuracy_before": accuracy_before,
-        "train_loss": result.training_loss,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "wall_time_seconds": round(time.monotonic() - started, 2),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
-        "world_size": trainer.args.world_size,
+        **run_metrics(trainer, result, resume, started),
     }
     if main:
-        final = export.save_final(scorer, tokenizer, tokenizer.chat_template, out)
-        export.write_model_card(config, final, metrics)
-        export.plot_loss(trainer.state.log_history, out / "loss.png")
-        export.write_json(out / "metrics.json", metrics)
-        log.info("final %s written to %s", export.output_kind(config), final)
         assert reporter is not None
-        reporter.update(
-            step=trainer.state.global_step,
-            total_steps=trainer.state.global_step,
-            epoch=trainer.state.epoch,
-            force=True,
-        )
-        reporter.finish(
-            {
-                "output": str(final),
-                "step": trainer.state.global_step,
-                "metrics": {k: v for k, v in metrics.items() if v is not None},
-            }
-        )
+        final = export.save_final(scorer, tokenizer, tokenizer.chat_template, out)
+        publish(config, final, metrics, reporter, trainer=trainer)
     return metrics

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from lmforge.trainer import checkpoints, export, sharding
+from lmforge.trainer import export, sharding
 from lmforge.trainer.data import DataCollator, prepare_data, resolve_chat_template
 from lmforge.trainer.evaluate import exact_match_accuracy, perplexity
 from lmforge.trainer.launch import rank
@@ -25,6 +23,11 @@ from lmforge.trainer.loop import (
     LisaCallback,
     ProgressCallback,
     TimedCheckpointCallback,
+    final_eval_loss,
+    publish,
+    run_metrics,
+    save_outputs,
+    train_resuming,
     training_arguments,
 )
 from lmforge.trainer.model import (
@@ -136,97 +139,31 @@ def run(config: RunConfig) -> dict[str, Any]:
         data_collator=DataCollator(tokenizer),
         callbacks=callbacks,
     )
-    trainer.keep_checkpoints = spec.checkpoint.keep
-    if reporter is not None:
-        trainer.on_checkpoint = reporter.checkpoint
-
-    checkpoints_dir = out / "checkpoints"
-    if main:
-        checkpoints.clear_staging(checkpoints_dir)
-    resume = None
-    if spec.checkpoint.resume == "auto":
-        resume = checkpoints.latest_complete_checkpoint(checkpoints_dir)
-        if resume is not None:
-            log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_loss = _final_eval_loss(trainer) if data.eval is not None else None
+    result, resume = train_resuming(trainer, config, reporter)
+    eval_loss = final_eval_loss(trainer) if data.eval is not None else None
     # A sharded model generates only with every rank taking part; score final/ elsewhere.
     accuracy_after = None if sharding.is_sharded(trainer) else score()
     if accuracy_after is not None:
         log.info("exact-match accuracy after training: %.1f%%", 100 * accuracy_after)
 
     metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
+        **run_metrics(trainer, result, resume, started),
         "eval_loss": eval_loss,
         "perplexity": perplexity(eval_loss),
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
         "tokens_per_second": _tokens_per_second(trainer, result.metrics.get("train_runtime")),
-        "wall_time_seconds": round(time.monotonic() - started, 2),
-        "peak_memory_bytes": _peak_memory(),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
-        "world_size": trainer.args.world_size,
-        "strategy": sharding.strategy_in_use(trainer),
         **data.metrics(),
     }
     if accuracy_after is not None:
         metrics |= {"exact_match_before": accuracy_before, "exact_match": accuracy_after}
     weights = sharding.full_state_dict(trainer)  # every rank: gathering shards is collective
     if main:
-        _export(config, trainer, tokenizer, template, metrics, weights)
         assert reporter is not None
-        reporter.update(
-            step=trainer.state.global_step,
-            total_steps=trainer.state.global_step,
-            epoch=trainer.state.epoch,
-            eval_loss=eval_loss,
-            force=True,
-        )
-        reporter.finish(
-            {
-                "output": str(out / "final"),
-                "step": trainer.state.global_step,
-                "metrics": {k: v for k, v in metrics.items() if v is not None},
-            }
-        )
+        final = save_outputs(config, trainer.model, tokenizer, template, weights=weights)
+        publish(config, final, metrics, reporter, trainer=trainer)
     return metrics
-
-
-def _export(
-    config: RunConfig,
-    trainer: Any,
-    tokenizer: Any,
-    template: str | None,
-    metrics: dict[str, Any],
-    weights: dict[str, Any] | None = None,
-) -> None:
-    out = config.output_dir
-    final = export.save_final(trainer.model, tokenizer, template, out, weights)
-    if config.spec.tuning.merge_on_export:
-        export.save_merged(config.paths.model, final, tokenizer, out)
-    export.write_model_card(config, final, metrics)
-    export.plot_loss(trainer.state.log_history, out / "loss.png")
-    export.write_json(out / "metrics.json", metrics)
-    log.info("final %s written to %s", export.output_kind(config), final)
-
-
-def _final_eval_loss(trainer: Any) -> float:
-    """Eval loss at the last step: reuse the Trainer's own end-of-epoch evaluation if it ran."""
-    for entry in reversed(trainer.state.log_history):
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return float(entry["eval_loss"])
-    return float(trainer.evaluate()["eval_loss"])
 
 
 def _tokens_per_second(trainer: Any, train_seconds: float | None) -> float | None:
     """Training throughput (non-padding input tokens over all processes per second)."""
     tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
     return round(tokens / train_seconds, 2) if tokens and train_seconds else None
-
-
-def _peak_memory() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
