@@ -671,7 +671,7 @@ def test_packed_records_give_the_same_logits_as_alone(
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
         ).logits
-        compared = 0
+        pieces = []
         for row, record in enumerate(packed):
             starts = [i for i, p in enumerate(record["position_ids"]) if p == 0]
             ends = [*starts[1:], len(record["position_ids"])]
@@ -681,9 +681,9 @@ def test_packed_records_give_the_same_logits_as_alone(
                 torch.testing.assert_close(
                     packed_logits[row, start:end], expected, atol=1e-4, rtol=0
                 )
-                assert alone[compared]["input_ids"] == record["input_ids"][start:end]
-                compared += 1
-    assert compared == len(alone)
+                pieces.append(record["input_ids"][start:end])
+    # Every record is packed whole, once (packing may reorder them).
+    assert sorted(pieces) == sorted(r["input_ids"] for r in alone)
     # The loss sees the same targets packed or not.
     trained_alone = sum(sum(label != -100 for label in r["labels"]) for r in alone)
     assert (batch["labels"] != -100).sum().item() == trained_alone
@@ -1041,6 +1041,34 @@ def test_prepared_records_match_in_memory_tokenization(tmp_path: Path, tokenizer
     )
     for key in ("records", "tokens", "trainable_tokens", "dropped", "truncated"):
         assert data.stats["train"][key] == expected.stats[key], key
+
+
+def test_prepared_packing_keeps_every_record_and_reports_its_efficiency(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    texts = [" ".join(WORDS[: 1 + (i * 7) % 25]) + f" {i}" for i in range(60)]
+    for folder in ("alone", "packed"):  # one cache folder each
+        (tmp_path / folder).mkdir()
+        write_jsonl(tmp_path / folder / "texts.jsonl", [{"text": text} for text in texts])
+    spec: dict[str, Any] = {
+        "sources": [DataSource(uri="texts.jsonl")],
+        "max_seq_length": 64,
+        "eval_split": EvalSplit(fraction=0.0),
+    }
+    alone = prepare(tmp_path / "alone", tokenizer, **spec, packing=False)
+    data = prepare(tmp_path / "packed", tokenizer, **spec, packing=True)
+    stats = data.stats["train"]
+    lengths = [len(r["input_ids"]) for r in data.train]
+    assert stats["packed_sequences"] == len(data.train) < stats["records"] == 60
+    assert stats["packed_longest"] == max(lengths) <= 64
+    assert stats["packing_efficiency"] == stats["tokens"] / (len(lengths) * max(lengths)) > 0.95
+    pieces = []
+    for record in data.train:
+        starts = [t for t, p in enumerate(record["position_ids"]) if p == 0]
+        for start, end in zip(starts, [*starts[1:], len(record["input_ids"])], strict=True):
+            pieces.append((record["input_ids"][start:end], record["labels"][start:end]))
+    assert sorted(pieces) == sorted((r["input_ids"], r["labels"]) for r in alone.train)
+    assert f"packed into {len(lengths)} sequences of at most {max(lengths)} tokens" in data.summary
 
 
 def test_prepared_hold_out_and_weights_match_load_examples(tmp_path: Path, tokenizer: Any) -> None:

@@ -57,6 +57,9 @@ class Dispatch:
         self.by_kind: dict[str, Reconciler | ServingReconciler] = {}
         self.cache = ClusterCache()  # the training reconciler's reads (kopf indexes)
         self.metrics = metrics
+        self._guard = threading.Lock()
+        self._running: set[tuple[str, str, str]] = set()
+        self._again: set[tuple[str, str, str]] = set()
         for kind, cls in RECONCILERS.items():
             if cls not in instances:
                 extra = (self.cache,) if cls is Reconciler else ()
@@ -64,7 +67,29 @@ class Dispatch:
             self.by_kind[kind] = instances[cls]
 
     def reconcile(self, kind: str, namespace: str, name: str) -> None:
-        self.by_kind[kind].reconcile(kind, namespace, name)
+        """One reconcile of an object at a time; events that arrive meanwhile are folded
+        into a single re-run (it reads the newest state), as a controller's work queue
+        does. A burst of child events then costs two reconciles, not one per event, and
+        no handler thread waits on another's reconcile of the same object."""
+        key = (kind, namespace, name)
+        with self._guard:
+            if key in self._running:
+                self._again.add(key)
+                return
+            self._running.add(key)
+        try:
+            while True:
+                self.by_kind[kind].reconcile(kind, namespace, name)
+                with self._guard:
+                    if key not in self._again:
+                        self._running.discard(key)
+                        return
+                    self._again.discard(key)
+        except BaseException:
+            with self._guard:  # the resync timer and the next event retry it
+                self._running.discard(key)
+                self._again.discard(key)
+            raise
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """The object is gone: drop its cached state and its per-object series (a deleted

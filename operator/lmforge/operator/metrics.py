@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, get_args
@@ -114,6 +115,19 @@ class OperatorMetrics:
         self._adapters: dict[tuple[str, str], dict[str, str]] = {}
         self._gpu_seen: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
+
+    @contextmanager
+    def reconciling(self, kind: str) -> Iterator[None]:
+        """Count one reconcile, its duration and whether it raised."""
+        started = time.monotonic()
+        try:
+            yield
+        except Exception:
+            self.reconcile_errors.labels(kind).inc()
+            raise
+        finally:
+            self.reconciles.labels(kind).inc()
+            self.reconcile_seconds.labels(kind).observe(time.monotonic() - started)
 
     def record_phase(self, kind: str, namespace: str, name: str, phase: str) -> None:
         with self._lock:

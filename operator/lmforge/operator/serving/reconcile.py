@@ -8,9 +8,6 @@ dropped from the report ConfigMap.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import defaultdict
 from typing import Any
 
 from lmforge.operator.kube import Kube
@@ -51,24 +48,11 @@ class ServingReconciler:
 
     def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics) -> None:
         self.kube, self.settings, self.metrics = kube, settings, metrics
-        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-        self._guard = threading.Lock()
-
-    def _lock(self, key: tuple[str, str]) -> threading.Lock:
-        with self._guard:
-            return self._locks[key]
 
     def reconcile(self, kind: str, namespace: str, name: str) -> None:
-        started = time.monotonic()
-        with self._lock((namespace, name)):
-            try:
-                self._reconcile(namespace, name)
-            except Exception:
-                self.metrics.reconcile_errors.labels(kind).inc()
-                raise
-            finally:
-                self.metrics.reconciles.labels(kind).inc()
-                self.metrics.reconcile_seconds.labels(kind).observe(time.monotonic() - started)
+        """One call per service at a time: the dispatcher serializes them."""
+        with self.metrics.reconciling(kind):
+            self._reconcile(namespace, name)
 
     def note_disruption(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
         """Deployments replace disrupted pods themselves; nothing to record."""

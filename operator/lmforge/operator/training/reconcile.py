@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -57,6 +56,7 @@ class Reconciler:
         cache: ClusterCache,
     ) -> None:
         self.kube, self.settings, self.metrics, self.cache = kube, settings, metrics, cache
+        # A reconcile and a disruption record of one job both write its status.
         self._locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
 
@@ -66,16 +66,8 @@ class Reconciler:
 
     def reconcile(self, kind: str, namespace: str, name: str) -> None:
         """Bring one job's children and status in line with its spec and its pods."""
-        started = time.monotonic()
-        with self._lock((kind, namespace, name)):
-            try:
-                self._reconcile(kind, namespace, name)
-            except Exception:
-                self.metrics.reconcile_errors.labels(kind).inc()
-                raise
-            finally:
-                self.metrics.reconciles.labels(kind).inc()
-                self.metrics.reconcile_seconds.labels(kind).observe(time.monotonic() - started)
+        with self._lock((kind, namespace, name)), self.metrics.reconciling(kind):
+            self._reconcile(kind, namespace, name)
 
     def _reconcile(self, kind: str, namespace: str, name: str) -> None:
         body = self.cache.job(kind, namespace, name)

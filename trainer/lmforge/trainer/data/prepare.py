@@ -9,7 +9,8 @@ the job's output, never as Python objects, so memory stays flat however large th
 3. tokenization is a `datasets.map` over the chosen indices (several processes for large
    data), keeping per-record counts (length, prompt length, truncated, dropped);
 4. records without trained tokens are dropped, and continued pretraining joins documents
-   with EOS and cuts blocks of maxSeqLength; packing concatenates records; both stream.
+   with EOS and cuts blocks of maxSeqLength; packing puts whole records into sequences of at
+   most maxSeqLength (best fit, window by window: see packing.py); both stream.
 
 `prepare_data` returns the train/eval datasets, the statistics and what to tell the user.
 """
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lmforge.trainer.data.examples import DataError, DataProblem, Example
 from lmforge.trainer.data.loading import iter_source
+from lmforge.trainer.data.packing import PackingCount, pack_records
 from lmforge.trainer.data.report import data_metrics, summary_line, warnings
 from lmforge.trainer.data.tokenization import (
     IGNORE,
@@ -435,7 +437,7 @@ def _tokenized(
     records = tokens.select(np.flatnonzero(~dropped)).select_columns(["input_ids", "labels"])
     if spec.packing:
         path = cache_dir / f"{split}-packed.arrow"
-        stats["packed_sequences"] = _write_packed(records, path, spec.max_seq_length)
+        stats.update(_write_packed(records, path, spec.max_seq_length))
         records = datasets.Dataset.from_file(str(path))
     return records, stats
 
@@ -481,21 +483,14 @@ def _write_blocks(tokens: Any, path: Path, size: int, keep_partial: bool) -> dic
     return found
 
 
-def _write_packed(records: Any, path: Path, size: int) -> int:
-    """Greedily pack records (in order) into sequences of at most `size` tokens."""
+def _write_packed(records: Any, path: Path, size: int) -> dict[str, Any]:
+    """Pack records into sequences of at most `size` tokens, written to `path`; the counts."""
     schema = pa.schema([("input_ids", TOKENS), ("labels", TOKENS), ("position_ids", TOKENS)])
 
-    def rows() -> Iterator[dict[str, list[int]]]:
-        current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    def pairs() -> Iterator[tuple[list[int], list[int]]]:
         for batch in records.iter(batch_size=BATCH):
-            for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
-                if current["input_ids"] and len(current["input_ids"]) + len(ids) > size:
-                    yield current
-                    current = {"input_ids": [], "labels": [], "position_ids": []}
-                current["input_ids"] += ids
-                current["labels"] += labels
-                current["position_ids"] += list(range(len(ids)))
-        if current["input_ids"]:
-            yield current
+            yield from zip(batch["input_ids"], batch["labels"], strict=True)
 
-    return write_arrow(path, schema, rows())
+    count = PackingCount()
+    write_arrow(path, schema, pack_records(pairs(), size, count))
+    return count.as_dict()

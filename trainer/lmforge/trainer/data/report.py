@@ -35,7 +35,11 @@ def summary_line(stats: Mapping[str, Any], max_seq_length: int) -> str:
         f"{max_seq_length:,}"
     )
     if "packed_sequences" in stats:
-        line += f"; packed into {stats['packed_sequences']:,} sequences"
+        line += (
+            f"; packed into {stats['packed_sequences']:,} sequences of at most "
+            f"{stats['packed_longest']:,} tokens ({100 * stats['packing_efficiency']:.1f}% real "
+            "tokens, padded to the longest)"
+        )
     return line
 
 

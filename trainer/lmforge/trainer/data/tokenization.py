@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.trainer.data.examples import DataError, DataProblem, Example
+from lmforge.trainer.data.packing import PackingCount, pack_records
 from lmforge.trainer.data.templates import PLAIN_TEMPLATE
 
 IGNORE = -100  # label of tokens the loss skips (PyTorch cross-entropy's ignore_index)
@@ -222,8 +223,9 @@ def tokenize_examples(
 
     stats: dict[str, Any] = counts.as_dict()
     if packing:
-        records = pack(encoded, max_seq_length)
-        stats["packed_sequences"] = len(records)
+        count = PackingCount()
+        records = list(pack_records(encoded, max_seq_length, count))
+        stats.update(count.as_dict())
     else:
         records = [
             {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
@@ -243,24 +245,6 @@ def cut_blocks(documents: Iterable[list[int]], size: int) -> Iterator[list[int]]
         buffer = buffer[full:]
     if buffer:
         yield buffer
-
-
-def pack(
-    encoded: Sequence[tuple[list[int], list[int]]], max_seq_length: int
-) -> list[dict[str, list[int]]]:
-    """Greedily concatenate records, in order, into sequences of at most max_seq_length tokens."""
-    packed: list[dict[str, list[int]]] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for ids, labels in encoded:
-        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_seq_length:
-            packed.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += ids
-        current["labels"] += labels
-        current["position_ids"] += list(range(len(ids)))
-    if current["input_ids"]:
-        packed.append(current)
-    return packed
 
 
 def _encode_text(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -131,6 +131,10 @@ def run(config: RunConfig) -> dict[str, Any]:
     if spec.tuning.type == "adalora":
         callbacks.append(AdaLoraCallback(model))
     args = training_arguments(config, precision, model, has_eval=data.eval is not None)
+    if "position_ids" in data.train.column_names:
+        # A packed batch's attention_mask is the 4-D additive block mask: transformers would
+        # sum it as a count of real tokens. Count every token (packed rows are nearly full).
+        args.include_num_input_tokens_seen = "all"
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
@@ -164,6 +168,7 @@ def run(config: RunConfig) -> dict[str, Any]:
 
 
 def _tokens_per_second(trainer: Any, train_seconds: float | None) -> float | None:
-    """Training throughput (non-padding input tokens over all processes per second)."""
+    """Training throughput (input tokens over all processes per second; padding is left out
+    unless packed)."""
     tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
     return round(tokens / train_seconds, 2) if tokens and train_seconds else None
