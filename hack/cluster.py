@@ -28,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# The aggregator's client identity towards extension API servers (front-proxy PKI).
+FRONT_PROXY_CA = "/CN=lmforge-front-proxy-ca"
+FRONT_PROXY_CLIENT = "front-proxy-client"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
@@ -192,6 +195,15 @@ class Cluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--authorization-mode=RBAC",
+                # The aggregation layer (APIServices such as a custom metrics API): the
+                # client certificate it proxies with, and the headers that carry the user.
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
@@ -225,6 +237,10 @@ class Cluster:
                 # Dynamic provisioning for PVCs without a storage system: hostPath
                 # volumes under /tmp, for testing only (see the default StorageClass).
                 "--enable-hostpath-provisioner=true",
+                # HorizontalPodAutoscalers act within seconds, not minutes (defaults: a 15 s
+                # sync and a 5-minute window before scaling down), so tests can watch them.
+                "--horizontal-pod-autoscaler-sync-period=2s",
+                "--horizontal-pod-autoscaler-downscale-stabilization=4s",
                 "--v=1",
             ],
         )
@@ -282,39 +298,52 @@ class Cluster:
     # ------------------------------------------------------------ credentials
 
     def _make_pki(self) -> None:
+        """The cluster CA with the API server's serving and the admin's client certificate,
+        the service-account key pair, and a separate front-proxy CA whose client
+        certificate the API server's aggregator presents to extension API servers (e.g. a
+        custom metrics API), which trust requests carrying it. Files already there are
+        kept, so a state folder from an older version only gains what it lacks."""
         pki = self.pki
-        if (pki / "admin.crt").exists():
-            return
         pki.mkdir(parents=True, exist_ok=True)
 
         def ssl_(*args: str) -> None:
             subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
 
-        ssl_(
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "3650",
-            "-subj",
-            "/CN=lmforge-local-ca",
-        )
+        for ca, subject in (("ca", "/CN=lmforge-local-ca"), ("front-proxy-ca", FRONT_PROXY_CA)):
+            if not (pki / f"{ca}.crt").exists():
+                ssl_(
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    f"{ca}.key",
+                    "-out",
+                    f"{ca}.crt",
+                    "-days",
+                    "3650",
+                    "-subj",
+                    subject,
+                )
         certs = {
             "apiserver": (
+                "ca",
                 "/CN=kube-apiserver",
                 "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,"
                 "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
                 "extendedKeyUsage=serverAuth",
             ),
-            "admin": ("/O=system:masters/CN=lmforge-admin", "extendedKeyUsage=clientAuth"),
+            "admin": ("ca", "/O=system:masters/CN=lmforge-admin", "extendedKeyUsage=clientAuth"),
+            "front-proxy-client": (
+                "front-proxy-ca",
+                f"/CN={FRONT_PROXY_CLIENT}",
+                "extendedKeyUsage=clientAuth",
+            ),
         }
-        for name, (subject, ext) in certs.items():
+        for name, (ca, subject, ext) in certs.items():
+            if (pki / f"{name}.crt").exists():
+                continue
             (pki / f"{name}.ext").write_text(ext + "\n")
             ssl_(
                 "req",
@@ -334,9 +363,9 @@ class Cluster:
                 "-in",
                 f"{name}.csr",
                 "-CA",
-                "ca.crt",
+                f"{ca}.crt",
                 "-CAkey",
-                "ca.key",
+                f"{ca}.key",
                 "-CAcreateserial",
                 "-out",
                 f"{name}.crt",
@@ -345,8 +374,9 @@ class Cluster:
                 "-extfile",
                 f"{name}.ext",
             )
-        ssl_("genrsa", "-out", "sa.key", "2048")
-        ssl_("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+        if not (pki / "sa.pub").exists():
+            ssl_("genrsa", "-out", "sa.key", "2048")
+            ssl_("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
 
     def _write_kubeconfig(self, port: int) -> None:
         config = {

@@ -15,6 +15,7 @@ from lmforge.operator.serving.render import (
     ServingTarget,
     desired_adapters,
     render_children,
+    replicas_handover,
 )
 from prometheus_client import REGISTRY
 
@@ -335,7 +336,67 @@ def test_autoscaling_renders_an_hpa_on_load_and_leaves_replicas_to_it() -> None:
     assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["minReplicas"] == 1  # scale to zero needs KEDA
     assert hpa["spec"]["maxReplicas"] == 5
-    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "8.0"
+    assert hpa["spec"]["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "lmforge_serving_load"},
+                "target": {"type": "AverageValue", "averageValue": "8.0"},
+            },
+        }
+    ]
+
+
+def test_each_autoscaling_metric_is_its_own_per_replica_metric() -> None:
+    """gpu-utilization once scaled on CPU utilization (and every other choice on the same
+    running+waiting count): each choice now names its own Pods metric."""
+    names = {}
+    for metric in ("concurrency", "queue-length", "requests-per-second", "gpu-utilization"):
+        scaling = {"maxReplicas": 3, "metric": metric, "target": 2.5}
+        children = render_children(target(service(autoscaling=scaling), {"model": "pvc://m/b"}))
+        ((spec,),) = [h["spec"]["metrics"] for h in children.of_kind("HorizontalPodAutoscaler")]
+        assert spec["type"] == "Pods"
+        assert spec["pods"]["target"] == {"type": "AverageValue", "averageValue": "2.5"}
+        names[metric] = spec["pods"]["metric"]["name"]
+    assert names == {
+        "concurrency": "lmforge_serving_load",
+        "queue-length": "lmforge_serving_queue_length",
+        "requests-per-second": "lmforge_serving_requests_per_second",
+        "gpu-utilization": "lmforge_serving_gpu_utilization",
+    }
+
+
+def test_fixed_replicas_are_handed_over_when_autoscaling_takes_over() -> None:
+    """Switching from fixed replicas to autoscaling must not reset the Deployment to 1:
+    replicas the operator applied go to a handover manager first (a pure decision on the
+    live Deployment's managedFields)."""
+    scaled = target(
+        service(autoscaling={"maxReplicas": 4, "target": 5}), {"model": "pvc://models/base"}
+    )
+
+    def live(replicas: int, manager: str, operation: str = "Apply") -> dict[str, Any]:
+        fields = {"f:spec": {"f:replicas": {}, "f:template": {}}}
+        return {
+            "metadata": {
+                "name": "chat",
+                "managedFields": [{"manager": manager, "operation": operation, "fieldsV1": fields}],
+            },
+            "spec": {"replicas": replicas},
+        }
+
+    assert replicas_handover(scaled, live(3, "lmforge-operator")) == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "chat", "namespace": "ns"},
+        "spec": {"replicas": 3},
+    }
+    # Already the HPA's (kube-controller-manager updates the scale), or no Deployment yet.
+    assert replicas_handover(scaled, live(3, "kube-controller-manager", "Update")) is None
+    assert replicas_handover(scaled, None) is None
+    # Zero replicas would keep the HPA from acting: let the field default to 1.
+    assert replicas_handover(scaled, live(0, "lmforge-operator")) is None
+    fixed = target(service(replicas=3), {"model": "pvc://models/base"})
+    assert replicas_handover(fixed, live(3, "lmforge-operator")) is None
 
 
 def test_example_service_renders() -> None:
@@ -419,6 +480,26 @@ def test_status_model_waiting_for_its_job_and_failed_adapters() -> None:
     failed = AdapterRef("a", "", "FinetuneJob ft", job_failed=True)
     status = decide_status(observed(adapters=[failed]))
     assert status["phase"] == "Degraded" and status["adapters"][0]["state"] == "Failed"
+
+
+def test_status_of_an_autoscaled_service_counts_what_the_hpa_wants() -> None:
+    """The message counts the replicas the HPA chose (the Deployment's spec.replicas); a
+    scale-up still loading its new replicas is Ready, fewer ready than the floor Degraded."""
+
+    def ready_condition(deployment: dict[str, Any]) -> tuple[str, str]:
+        status = decide_status(observed(deployment=deployment, desired_replicas=1))
+        (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
+        return status["phase"], ready["message"]
+
+    scaling_up = {"spec": {"replicas": 3}, "status": {"replicas": 3, "readyReplicas": 1}}
+    assert ready_condition(scaling_up) == ("Ready", "1 of 3 replicas ready")
+    scaled = {"spec": {"replicas": 3}, "status": {"replicas": 3, "readyReplicas": 3}}
+    assert ready_condition(scaled) == ("Ready", "3 of 3 replicas ready")
+    fixed = decide_status(observed(desired_replicas=3))  # spec.replicas 3, 2 ready
+    assert fixed["phase"] == "Degraded"
+    assert [c["message"] for c in fixed["conditions"] if c["type"] == "Ready"] == [
+        "2 of 3 replicas ready"
+    ]
 
 
 def test_lmforge_serve_does_not_import_torch() -> None:

@@ -106,13 +106,14 @@ class Kube:
         )
         return list(data.get("items", []))
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply (create or converge) with the operator as field manager."""
+    def apply(self, obj: dict[str, Any], field_manager: str = MANAGED_BY) -> dict[str, Any]:
+        """Server-side apply (create or converge), by default with the operator as field
+        manager."""
         meta = obj["metadata"]
         return self.request(
             "PATCH",
             object_path(obj["kind"], meta["namespace"], meta["name"]),
-            query=[("fieldManager", MANAGED_BY), ("force", "true")],
+            query=[("fieldManager", field_manager), ("force", "true")],
             body=obj,
             content_type="application/apply-patch+yaml",
         )

@@ -36,6 +36,8 @@ class ServingObserved:
     model_job_failed: bool
     adapters: list[AdapterRef]
     deployment: dict[str, Any] | None
+    # The fewest ready replicas that are not Degraded: spec.replicas, or the autoscaler's
+    # floor (a scale-up in progress is not a degradation).
     desired_replicas: int
     reports: dict[str, str]  # pod name -> the replica's JSON report
     live_pods: set[str]
@@ -89,6 +91,9 @@ def decide_status(obs: ServingObserved) -> dict[str, Any]:
     deployment_status = (obs.deployment or {}).get("status") or {}
     replicas = int(deployment_status.get("replicas") or 0)
     ready = int(deployment_status.get("readyReplicas") or 0)
+    # How many replicas are wanted now: with autoscaling, what the HPA last chose.
+    wanted = ((obs.deployment or {}).get("spec") or {}).get("replicas")
+    wanted = obs.desired_replicas if wanted is None else int(wanted)
     adapters = [adapter_status(a, reports) for a in obs.adapters]
     conditions = list(obs.status.get("conditions") or [])
 
@@ -134,14 +139,9 @@ def decide_status(obs: ServingObserved) -> dict[str, Any]:
     if serving:
         degraded = ready < obs.desired_replicas or any(a["state"] == "Failed" for a in adapters)
         phase = "Degraded" if degraded else "Ready"
-        condition(
-            "Ready",
-            True,
-            phase,
-            f"{ready} of {obs.desired_replicas} replicas ready",
-        )
+        condition("Ready", True, phase, f"{ready} of {wanted} replicas ready")
     else:
-        condition("Ready", False, phase, f"{ready} of {obs.desired_replicas} replicas ready")
+        condition("Ready", False, phase, f"{ready} of {wanted} replicas ready")
 
     status = dict(obs.status)
     status.update(

@@ -83,6 +83,20 @@ class ServingReconciler:
             except LocalPathOnCluster as err:
                 self._fail(body, status, generation, "InvalidSpec", str(err))
                 return
+            if service.spec.autoscaling is not None:
+                # Fixed replicas the spec no longer sets go to the HPA, not back to 1.
+                # (A list: the operator's role may list Deployments, not get them.)
+                current = next(
+                    (
+                        d
+                        for d in self.kube.list_objects("Deployment", namespace, selector)
+                        if d["metadata"]["name"] == render.deployment_name(target)
+                    ),
+                    None,
+                )
+                handover = render.replicas_handover(target, current)
+                if handover is not None:
+                    self.kube.apply(handover, field_manager=render.REPLICAS_HANDOVER)
             for obj in children.objects:
                 applied = self.kube.apply(obj)
                 if obj["kind"] == "Deployment":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.operator import pods
-from lmforge.operator.ownership import child_labels, child_metadata, selector_labels
+from lmforge.operator.ownership import MANAGED_BY, child_labels, child_metadata, selector_labels
 from lmforge.operator.settings import OperatorSettings
 from lmforge.operator.storage import CACHE_MOUNT, Mounts, plan_mounts, pvc_path
 
@@ -36,9 +36,19 @@ CONTAINER = "server"
 CONFIG_DIR = "/etc/lmforge"
 ADAPTERS_DIR = "/etc/lmforge/adapters"
 STATE_DIR = "/var/run/lmforge"
-# The running+waiting requests per replica the HPA scales on (exported by the metrics
-# pipeline, e.g. prometheus-adapter or KEDA, from vLLM's vllm:num_requests_* gauges).
-LOAD_METRIC = "lmforge_serving_load"
+# The Pods metric (per replica, from the cluster's custom metrics API) the HPA scales on for
+# each `autoscaling.metric`; a metrics adapter (e.g. prometheus-adapter) serves it from the
+# series in the comment (README: "Autoscaling").
+LOAD_METRICS = {
+    # vllm:num_requests_running + vllm:num_requests_waiting
+    "concurrency": "lmforge_serving_load",
+    # vllm:num_requests_waiting
+    "queue-length": "lmforge_serving_queue_length",
+    # rate(lmforge_serving_requests_total[1m]), summed over adapters
+    "requests-per-second": "lmforge_serving_requests_per_second",
+    # the GPU exporter's utilization in percent (dcgm-exporter: DCGM_FI_DEV_GPU_UTIL)
+    "gpu-utilization": "lmforge_serving_gpu_utilization",
+}
 # A cold model load can take many minutes (weights from a PVC or the hub onto the GPU).
 STARTUP_SECONDS = 1800
 
@@ -304,6 +314,40 @@ def render_deployment(target: ServingTarget, mounts: Mounts) -> dict[str, Any]:
     }
 
 
+# The field manager that holds a Deployment's spec.replicas between the operator letting go
+# of them and the HPA's first write (see replicas_handover).
+REPLICAS_HANDOVER = f"{MANAGED_BY}-replicas-handover"
+
+
+def replicas_handover(target: ServingTarget, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What to apply, as REPLICAS_HANDOVER, before a Deployment the operator gave fixed
+    replicas is applied without them (autoscaling switched on): its current replica count.
+
+    Server-side apply deletes a field its last owner stops applying, and a Deployment
+    without replicas defaults to 1: switching from `replicas: 3` to autoscaling would drop
+    two serving replicas before the HPA's first look at the load. Kubernetes' documented
+    way out is handing the field to another manager first, which keeps it until the HPA
+    writes it. None when there is nothing to hand over; also at 0 replicas, which would
+    keep the HPA off (it leaves a target at zero alone): the default 1 is its floor."""
+    if target.service.spec.autoscaling is None or live is None:
+        return None
+    replicas = (live.get("spec") or {}).get("replicas")
+    ours = any(
+        entry.get("manager") == MANAGED_BY
+        and entry.get("operation") == "Apply"
+        and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        for entry in live["metadata"].get("managedFields") or []
+    )
+    if not ours or not replicas:
+        return None
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_name(target), "namespace": target.namespace},
+        "spec": {"replicas": replicas},
+    }
+
+
 def render_service(target: ServingTarget) -> dict[str, Any]:
     port = target.settings.serving_port
     return {
@@ -318,28 +362,19 @@ def render_service(target: ServingTarget) -> dict[str, Any]:
 
 
 def render_autoscaler(target: ServingTarget) -> dict[str, Any] | None:
-    """An autoscaling/v2 HPA on requests running+waiting per replica (a Pods metric served
-    by the cluster's custom metrics API). minReplicas 0 needs KEDA (an HPA cannot scale to
-    zero), so the HPA's floor is 1; `render` callers report that in status."""
+    """An autoscaling/v2 HPA keeping `autoscaling.metric` per replica near `target` (a Pods
+    metric served by the cluster's custom metrics API, see LOAD_METRICS). minReplicas 0
+    needs KEDA (an HPA cannot scale to zero), so the HPA's floor is 1."""
     scaling = target.service.spec.autoscaling
     if scaling is None:
         return None
-    if scaling.metric == "gpu-utilization":
-        metric = {
-            "type": "Resource",
-            "resource": {
-                "name": "cpu",
-                "target": {"type": "Utilization", "averageUtilization": int(scaling.target)},
-            },
-        }
-    else:
-        metric = {
-            "type": "Pods",
-            "pods": {
-                "metric": {"name": LOAD_METRIC},
-                "target": {"type": "AverageValue", "averageValue": str(scaling.target)},
-            },
-        }
+    metric = {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": LOAD_METRICS[scaling.metric]},
+            "target": {"type": "AverageValue", "averageValue": str(scaling.target)},
+        },
+    }
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
