@@ -632,14 +632,14 @@ class AutoscalingSpec(ApiModel):
 
     min_replicas: int = field_("Fewest replicas (0 scales to zero).", 1, ge=0, le=1000)
     max_replicas: int = field_("Most replicas.", ge=1, le=1000)
-    metric: Literal["concurrency", "requests-per-second", "gpu-utilization", "queue-length"] = (
-        field_(
-            "Per-replica metric the HPA keeps near target: concurrency (requests running + "
-            "waiting), queue-length (requests waiting), requests-per-second or "
-            "gpu-utilization (percent); the cluster's custom metrics API serves it (README: "
-            "Autoscaling).",
-            "concurrency",
-        )
+    metric: Literal[
+        "concurrency", "requests-per-second", "gpu-utilization", "queue-length", "kv-cache-usage"
+    ] = field_(
+        "Per-replica metric the HPA keeps near target: concurrency (requests running + "
+        "waiting), queue-length (requests waiting), requests-per-second, gpu-utilization "
+        "(percent) or kv-cache-usage (percent of the KV cache in use); the cluster's custom "
+        "metrics API serves it (README: Autoscaling).",
+        "concurrency",
     )
     target: float = field_("Target value of the metric per replica.", gt=0)
 

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from lmforge.operator.serving.lifecycle import AdapterRef, ServingObserved, decide_status
@@ -19,7 +19,7 @@ from lmforge.operator.serving.render import (
 )
 from prometheus_client import REGISTRY
 
-from lmforge.api.kinds import InferenceService
+from lmforge.api.kinds import AutoscalingSpec, InferenceService
 from lmforge.api.servingconfig import DesiredAdapter, resolve_serving_config
 from lmforge.api.validation import load_file, parse_object
 from lmforge.serve.adapters import plan_sync
@@ -351,7 +351,8 @@ def test_each_autoscaling_metric_is_its_own_per_replica_metric() -> None:
     """gpu-utilization once scaled on CPU utilization (and every other choice on the same
     running+waiting count): each choice now names its own Pods metric."""
     names = {}
-    for metric in ("concurrency", "queue-length", "requests-per-second", "gpu-utilization"):
+    choices = get_args(AutoscalingSpec.model_fields["metric"].annotation)
+    for metric in choices:
         scaling = {"maxReplicas": 3, "metric": metric, "target": 2.5}
         children = render_children(target(service(autoscaling=scaling), {"model": "pvc://m/b"}))
         ((spec,),) = [h["spec"]["metrics"] for h in children.of_kind("HorizontalPodAutoscaler")]
@@ -363,6 +364,7 @@ def test_each_autoscaling_metric_is_its_own_per_replica_metric() -> None:
         "queue-length": "lmforge_serving_queue_length",
         "requests-per-second": "lmforge_serving_requests_per_second",
         "gpu-utilization": "lmforge_serving_gpu_utilization",
+        "kv-cache-usage": "lmforge_serving_kv_cache_usage",
     }
 
 

@@ -48,6 +48,8 @@ LOAD_METRICS = {
     "requests-per-second": "lmforge_serving_requests_per_second",
     # the GPU exporter's utilization in percent (dcgm-exporter: DCGM_FI_DEV_GPU_UTIL)
     "gpu-utilization": "lmforge_serving_gpu_utilization",
+    # 100 * vllm:kv_cache_usage_perc
+    "kv-cache-usage": "lmforge_serving_kv_cache_usage",
 }
 # A cold model load can take many minutes (weights from a PVC or the hub onto the GPU).
 STARTUP_SECONDS = 1800
