@@ -57,7 +57,13 @@ def resolve_local_model(source: ModelSource, base: Path, runs: Path, field: str)
             )
         return str(final.resolve())
     assert source.source is not None  # the API requires source or fromJob
-    return resolve_local_uri(source.source, base, f"{field}.source")
+    path = resolve_local_uri(source.source, base, f"{field}.source")
+    if not source.source.startswith("hf://") and not Path(path).exists():
+        raise LocalRunError(
+            f"{field}.source: no model at {path} (from {source.source}, relative to the "
+            "YAML file's folder)"
+        )
+    return path
 
 
 def local_run_config(

@@ -63,6 +63,9 @@ def test_round_trip_and_version_check(tmp_path: Path) -> None:
 def test_local_paths_resolve_against_the_yaml(tmp_path: Path) -> None:
     yaml_path = tmp_path / "jobs" / "job.yaml"
     job = _job(model={"source": "file://../models/base"})
+    with pytest.raises(LocalRunError, match=r"spec.model.source: no model at .*models/base"):
+        local_run_config(job, yaml_path, None, tmp_path / "runs")
+    (tmp_path / "models" / "base").mkdir(parents=True)
     config = local_run_config(job, yaml_path, None, tmp_path / "runs")
     assert config.paths.model == str((tmp_path / "models" / "base").resolve())
     assert config.spec.dataset.sources[0].uri == str(tmp_path / "jobs" / "data" / "train.jsonl")
