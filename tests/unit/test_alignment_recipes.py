@@ -155,3 +155,8 @@ def test_adapter_directories_load_merged_under_any_head(tmp_path: Path) -> None:
     )
     assert torch.allclose(scorer.state_dict()[key], expected[key])
     assert scorer.config.num_labels == 1
+    # Trainable as plain weights (full fine-tuning of a reward model on the demo's adapter
+    # once failed: PEFT had frozen everything, the new head included).
+    for model in (merged, scorer):
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        assert frozen == []

@@ -119,7 +119,9 @@ def load_pretrained(auto_class: Any, path: str, **kwargs: Any) -> Any:
     )
     base = auto_class.from_pretrained(adapter.base_model_name_or_path, **kwargs)
     adapter.task_type = None  # merge only: works under any head (e.g. a reward model's)
-    return PeftModel.from_pretrained(base, path, config=adapter).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, path, config=adapter).merge_and_unload()
+    # PEFT froze every base weight for inference; the next job's method decides what trains.
+    return merged.requires_grad_(True)
 
 
 def _bitsandbytes_config(method: TuningMethod) -> Any:
