@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from lmforge.trainer import checkpoints
 from lmforge.trainer.data import Example, encode_prompt, load_examples
+from lmforge.trainer.launch import rank
 from lmforge.trainer.policy import load_trainable_state, trainable_state
 from lmforge.trainer.rewards import Rewards
-from lmforge.trainer.rollouts import Completion, Sampling, generate
+from lmforge.trainer.rollouts import Completion, Sampling, generate, ray_role, serve_as_ray_worker
 from safetensors.torch import load_file, save_file
 
 from lmforge.api.runconfig import RunConfig
@@ -175,3 +177,29 @@ def resume_point(config: RunConfig) -> Path | None:
     if config.spec.checkpoint.resume != "auto":
         return None
     return checkpoints.latest_complete_checkpoint(checkpoints_dir)
+
+
+def round_metrics(
+    state: dict[str, Any], after: float, after_parts: dict[str, float]
+) -> dict[str, Any]:
+    """What a round-based run (RAFT rounds, PPO rollout steps) reports: held-out reward
+    before and after, each reward component on its own, and every round's summary."""
+    return {
+        "reward_before": state["reward_before"],
+        "reward_after": after,
+        **{f"reward_before_{k}": v for k, v in state["reward_components_before"].items()},
+        **{f"reward_after_{k}": v for k, v in after_parts.items()},
+        "rounds": state["rounds"],
+        "round_rewards": [r["reward_mean"] for r in state["rounds"]],
+        "steps": len(state["rounds"]),
+    }
+
+
+def trains_here() -> bool:
+    """Whether this process runs the rounds: rank 0 of the head node. Another node of the
+    job hosts rollout workers until the head is done; other local ranks have nothing to do."""
+    role = ray_role(os.environ)
+    if role.role == "worker":
+        serve_as_ray_worker(role)
+        return False
+    return role.role != "idle" and rank() == 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ from typing import Any
 import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import resolve_chat_template
-from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import publish
 from lmforge.trainer.onpolicy import (
     held_out_reward,
@@ -36,9 +34,11 @@ from lmforge.trainer.onpolicy import (
     load_round,
     mean,
     resume_point,
+    round_metrics,
     round_prompts,
     save_round,
     score,
+    trains_here,
 )
 from lmforge.trainer.policy import build_optimizer, load_policy, load_policy_tokenizer
 from lmforge.trainer.progress import ProgressReporter
@@ -46,9 +46,7 @@ from lmforge.trainer.rewards import build_rewards
 from lmforge.trainer.rollouts import (
     Completion,
     Sampling,
-    ray_role,
     rollout_engine,
-    serve_as_ray_worker,
 )
 from torch import nn
 from transformers import AutoModelForCausalLM, set_seed
@@ -255,12 +253,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     started = time.monotonic()
     spec = config.spec
     assert isinstance(spec, AlignmentJobSpec)
-    role = ray_role(os.environ)
-    if role.role == "worker":  # another node of the job: host rollout workers
-        serve_as_ray_worker(role)
+    if not trains_here():
         return {}
-    if role.role == "idle" or rank() != 0:
-        return {}  # the policy trains in one process; other local ranks have nothing to do
     training = spec.training
     beta = spec.method.beta if spec.method.beta is not None else 0.0
     out = config.output_dir
@@ -351,13 +345,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     after, after_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling)
     log.info("held-out reward after PPO: %.4f", after)
     metrics: dict[str, Any] = {
-        "reward_before": state["reward_before"],
-        "reward_after": after,
-        **{f"reward_before_{k}": v for k, v in state["reward_components_before"].items()},
-        **{f"reward_after_{k}": v for k, v in after_parts.items()},
-        "rounds": state["rounds"],
-        "round_rewards": [r["reward_mean"] for r in state["rounds"]],
-        "steps": len(state["rounds"]),
+        **round_metrics(state, after, after_parts),
         "resumed_from_step": state["step"] if resume is not None else None,
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }

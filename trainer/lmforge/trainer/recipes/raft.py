@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import DataCollator, Example, resolve_chat_template, tokenize_examples
-from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import publish
 from lmforge.trainer.model import parameter_counts
 from lmforge.trainer.onpolicy import (
@@ -33,9 +31,11 @@ from lmforge.trainer.onpolicy import (
     load_round,
     mean,
     resume_point,
+    round_metrics,
     round_prompts,
     save_round,
     score,
+    trains_here,
 )
 from lmforge.trainer.policy import build_optimizer, load_policy, load_policy_tokenizer
 from lmforge.trainer.progress import ProgressReporter
@@ -43,9 +43,7 @@ from lmforge.trainer.rewards import build_rewards
 from lmforge.trainer.rollouts import (
     Completion,
     Sampling,
-    ray_role,
     rollout_engine,
-    serve_as_ray_worker,
 )
 from transformers import set_seed
 
@@ -112,12 +110,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     started = time.monotonic()
     spec = config.spec
     assert isinstance(spec, AlignmentJobSpec)
-    role = ray_role(os.environ)
-    if role.role == "worker":  # another node of the job: host rollout workers
-        serve_as_ray_worker(role)
+    if not trains_here():
         return {}
-    if role.role == "idle" or rank() != 0:
-        return {}  # RAFT trains in one process; other local ranks have nothing to do
     raft, training = spec.method.raft, spec.training
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -219,13 +213,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     after, after_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling)
     log.info("held-out reward after RAFT: %.4f %s", after, _describe(after_parts))
     metrics: dict[str, Any] = {
-        "reward_before": state["reward_before"],
-        "reward_after": after,
-        **{f"reward_before_{k}": v for k, v in state["reward_components_before"].items()},
-        **{f"reward_after_{k}": v for k, v in after_parts.items()},
-        "rounds": state["rounds"],
-        "round_rewards": [r["reward_mean"] for r in state["rounds"]],
-        "steps": len(state["rounds"]),
+        **round_metrics(state, after, after_parts),
         "resumed_from_round": state["step"] if resume is not None else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
