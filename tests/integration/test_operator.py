@@ -640,17 +640,19 @@ def test_stuck_jobs_say_why_within_seconds(
     }
     started = time.monotonic()
     for name, (reason, says) in expected.items():
-        stalled = wait_for(
-            lambda n=name, r=reason: (
-                (c := condition(status_of(crds, namespace, n), "Stalled"))
-                and c["status"] == "True"
-                and c["reason"] == r
-                and c
-            ),
-            f"{name}: Stalled with reason {reason}",
-            timeout=max(1.0, 10 - (time.monotonic() - started)),
-        )
-        assert says in stalled["message"], stalled
+        # The condition follows the pods: the scheduler may first say the pod's new
+        # claims are not bound yet (the provisioner is a moment behind), then the cause.
+        seen: list[Any] = []
+
+        def stalled(n: str = name, r: str = reason, says: str = says) -> bool:
+            seen.append(condition(status_of(crds, namespace, n), "Stalled"))
+            c = seen[-1] or {}
+            return c.get("status") == "True" and c.get("reason") == r and says in c["message"]
+
+        try:
+            wait_for(stalled, name, timeout=max(1.0, 20 - (time.monotonic() - started)))
+        except AssertionError:
+            raise AssertionError(f"{name}: not Stalled/{reason} saying {says!r}: {seen[-1]}")
     assert children(crds, namespace, "no-volume")["job"] == []  # nothing left pending
     # Creating the claim lets the job go on.
     _claims(crds, namespace, "data")
