@@ -483,7 +483,8 @@ def test_second_replica_stands_by(crds: Kube, operator: OperatorProcess, tmp_pat
 def test_example_yaml_unchanged_by_operator(
     crds: Kube, operator: OperatorProcess, namespace: str
 ) -> None:
-    """GitOps: the operator writes only status; the applied spec stays as the user wrote it."""
+    """GitOps: the operator writes only status; the applied spec and metadata stay as the
+    user wrote them."""
     obj = yaml.safe_load((ROOT / "examples" / "finetunejob-lora.yaml").read_text())
     crds.apply(obj, "-n", namespace)
     crds.run(
@@ -498,6 +499,8 @@ def test_example_yaml_unchanged_by_operator(
     live = crds.get("ftj", "llama3-alpaca-lora", "-n", namespace)
     annotations = live["metadata"].get("annotations") or {}
     assert not [k for k in annotations if "kopf" in k]
+    # no finalizer either: deleting a job never waits for the operator to be running
+    assert not live["metadata"].get("finalizers"), live["metadata"]
     assert live["spec"]["method"]["lora"] == {**obj["spec"]["method"]["lora"], "dropout": 0.05}
     assert live["status"]["observedGeneration"] == live["metadata"]["generation"]
 
