@@ -13,6 +13,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from lmforge.trainer.data import jsonstream
 from lmforge.trainer.data.examples import DataError, DataProblem, Example
 from lmforge.trainer.data.formats import (
     KNOWN_FORMATS,
@@ -191,9 +192,9 @@ def _read_file_records(
         records = _jsonl_records(path, name, problems)
         yield from _parse_records(records, name, data_format, None, problems)
     elif path.suffix == ".json":
-        parsed = _json_records(path.read_text(encoding="utf-8"), name, problems)
-        if parsed is not None:
-            records, lmflow_type = parsed
+        opened = _open_json(path, name, problems)
+        if opened is not None:
+            records, lmflow_type = opened
             yield from _parse_records(records, name, data_format, lmflow_type, problems)
     elif path.suffix in TABLE_SUFFIXES:
         table = _read_table(path, name, problems)
@@ -259,37 +260,35 @@ def _jsonl_records(path: Path, name: str, problems: list[DataProblem]) -> Iterat
                 )
 
 
-def _json_records(
-    content: str, name: str, problems: list[DataProblem]
-) -> tuple[list[RawRecord], str | None] | None:
-    """Records of a .json file: a list, or LMFlow's {"type": ..., "instances": [...]}."""
+def _open_json(
+    path: Path, name: str, problems: list[DataProblem]
+) -> tuple[Iterator[RawRecord], str | None] | None:
+    """Records of a .json file, streamed (a list, or LMFlow's {"type": ..., "instances":
+    [...]}), and its LMFlow type; None when the file holds neither or is not JSON."""
     try:
-        data = json.loads(content)
+        opened = jsonstream.open_records(path)
     except json.JSONDecodeError as err:
-        problems.append(
-            DataProblem(
-                name, f"line {err.lineno}", "", f"not valid JSON: {err.msg} (column {err.colno})"
-            )
-        )
+        problems.append(_invalid_json(name, err))
         return None
-    lmflow_type = None
-    if isinstance(data, dict) and "instances" in data:
-        lmflow_type = data.get("type")
-        if not isinstance(lmflow_type, str):
-            problems.append(DataProblem(name, "", "type", "missing (LMFlow files name their type)"))
-            return None
-        data = data["instances"]
-        if not isinstance(data, list):
-            problems.append(DataProblem(name, "", "instances", "must be a list of records"))
-            return None
-    elif not isinstance(data, list):
-        problems.append(
-            DataProblem(
-                name, "", "", 'must hold a list of records or {"type": ..., "instances": [...]}'
-            )
-        )
+    if isinstance(opened[0], str):
+        problems.append(DataProblem(name, "", *opened))
         return None
-    return [(f"record {i}", f"{name}[{i}]", record) for i, record in enumerate(data)], lmflow_type
+    records, lmflow_type = opened
+
+    def numbered() -> Iterator[RawRecord]:
+        try:
+            for i, record in enumerate(records):
+                yield (f"record {i}", f"{name}[{i}]", record)
+        except json.JSONDecodeError as err:
+            problems.append(_invalid_json(name, err))
+
+    return numbered(), lmflow_type
+
+
+def _invalid_json(name: str, err: json.JSONDecodeError) -> DataProblem:
+    return DataProblem(
+        name, f"line {err.lineno}", "", f"not valid JSON: {err.msg} (column {err.colno})"
+    )
 
 
 def _read_table(path: Path, name: str, problems: list[DataProblem]) -> Any:
