@@ -98,7 +98,7 @@ def worker(loader: str, stage: str, data: Path, tokenizer_dir: Path, cache: Path
 
         rss_start = _rss_now()
         started = time.perf_counter()
-        records = len(mix_examples(spec, data.parent, seed=0, cache_dir=cache).train)
+        records = len(mix_examples(spec, data.parent, seed=0, cache_dir=cache).train_order)
     elif loader == "old" and stage == "load":
         baseline = __import__(BASELINE_PACKAGE)
         rss_start = _rss_now()

@@ -483,7 +483,8 @@ def test_second_replica_stands_by(crds: Kube, operator: OperatorProcess, tmp_pat
 def test_example_yaml_unchanged_by_operator(
     crds: Kube, operator: OperatorProcess, namespace: str
 ) -> None:
-    """GitOps: the operator writes only status; the applied spec stays as the user wrote it."""
+    """GitOps: the operator writes only status; the applied spec and metadata stay as the
+    user wrote them."""
     obj = yaml.safe_load((ROOT / "examples" / "finetunejob-lora.yaml").read_text())
     crds.apply(obj, "-n", namespace)
     crds.run(
@@ -498,6 +499,8 @@ def test_example_yaml_unchanged_by_operator(
     live = crds.get("ftj", "llama3-alpaca-lora", "-n", namespace)
     annotations = live["metadata"].get("annotations") or {}
     assert not [k for k in annotations if "kopf" in k]
+    # no finalizer either: deleting a job never waits for the operator to be running
+    assert not live["metadata"].get("finalizers"), live["metadata"]
     assert live["spec"]["method"]["lora"] == {**obj["spec"]["method"]["lora"], "dropout": 0.05}
     assert live["status"]["observedGeneration"] == live["metadata"]["generation"]
 
@@ -615,6 +618,20 @@ def test_trainer_token_may_write_its_report_and_nothing_else(
     )
 
 
+def _wait_stalled(kube: Kube, ns: str, name: str, reason: str, says: str, timeout: float) -> None:
+    seen: list[Any] = []
+
+    def stalled() -> bool:
+        seen.append(condition(status_of(kube, ns, name), "Stalled"))
+        c = seen[-1] or {}
+        return c.get("status") == "True" and c.get("reason") == reason and says in c["message"]
+
+    try:
+        wait_for(stalled, name, timeout=max(1.0, timeout))
+    except AssertionError:
+        raise AssertionError(f"{name}: not Stalled/{reason} saying {says!r}: {seen[-1]}") from None
+
+
 def test_stuck_jobs_say_why_within_seconds(
     crds: Kube, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -642,17 +659,7 @@ def test_stuck_jobs_say_why_within_seconds(
     for name, (reason, says) in expected.items():
         # The condition follows the pods: the scheduler may first say the pod's new
         # claims are not bound yet (the provisioner is a moment behind), then the cause.
-        seen: list[Any] = []
-
-        def stalled(n: str = name, r: str = reason, says: str = says) -> bool:
-            seen.append(condition(status_of(crds, namespace, n), "Stalled"))
-            c = seen[-1] or {}
-            return c.get("status") == "True" and c.get("reason") == r and says in c["message"]
-
-        try:
-            wait_for(stalled, name, timeout=max(1.0, 20 - (time.monotonic() - started)))
-        except AssertionError:
-            raise AssertionError(f"{name}: not Stalled/{reason} saying {says!r}: {seen[-1]}")
+        _wait_stalled(crds, namespace, name, reason, says, 20 - (time.monotonic() - started))
     assert children(crds, namespace, "no-volume")["job"] == []  # nothing left pending
     # Creating the claim lets the job go on.
     _claims(crds, namespace, "data")

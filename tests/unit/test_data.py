@@ -1089,6 +1089,44 @@ def test_prepared_hold_out_and_weights_match_load_examples(tmp_path: Path, token
     ]
 
 
+def test_prepared_in_worker_processes_matches_one_process(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three processes, each a contiguous range crossing file and batch boundaries, give the
+    records, order and statistics one process gives; eval sources are tokenized too."""
+    from lmforge.trainer.data import prepare
+
+    monkeypatch.setattr(prepare, "BATCH", 6)  # tokenize 3 at a time
+    monkeypatch.setattr(prepare, "FILE_BATCH", 5)  # several batches per file
+    spec = {
+        "sources": [
+            DataSource(uri=_numbered_source(tmp_path, "a.jsonl", 17), weight=1.5),
+            DataSource(uri=_numbered_source(tmp_path, "b.jsonl", 9)),
+        ],
+        "eval_split": EvalSplit(sources=[DataSource(uri=_numbered_source(tmp_path, "c.jsonl", 7))]),
+        "packing": True,
+        "max_seq_length": 48,
+    }
+    results = []
+    for workers in (1, 3):
+        data = prepare.prepare_data(
+            DatasetSpec(**spec),
+            tokenizer,
+            chat_template=None,
+            continued_pretraining=False,
+            base_dir=tmp_path,
+            seed=0,
+            cache_dir=tmp_path / f"cache-{workers}",
+            num_proc=workers,
+        )
+        assert len(list((tmp_path / f"cache-{workers}").glob("tokens-*.arrow"))) == workers
+        assert data.eval is not None
+        results.append((data.train.to_list(), data.eval.to_list(), data.stats))
+    assert results[0] == results[1]
+    assert results[0][2]["train"]["examples"] == 17 + 9 + 9  # weight 1.5: 17 + half of 17
+    assert results[0][2]["eval"]["examples"] == 7
+
+
 def test_prepared_problems_keep_file_line_and_field(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(DataError) as err:
         prepare(tmp_path, tokenizer, sources=[DataSource(uri=str(FIXTURES / "malformed"))])

@@ -163,6 +163,11 @@ class ClusterCache:
                 del self._applied[k]
 
     # --- reads ------------------------------------------------------------------------
+    def known(self, indexes: list[str]) -> list[Key]:
+        """The keys of these indexes (of the jobs, by kind); none before kopf attached them.
+        Call on kopf's event loop, which is where the indexes change."""
+        return [key for index in indexes for key in self._indexes.get(index, {})]
+
     def job(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         key = (kind, namespace, name)
         seen = _one(self._values(jobs_index(kind), key))

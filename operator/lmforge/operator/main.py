@@ -3,17 +3,21 @@
 The handlers are thin: every event (on a job, on its batch/v1 Jobs, on its pods)
 and a periodic resync call the same idempotent `Reconciler.reconcile`, which reads
 from kopf indexes of those objects (see `cache`) rather than the API server. kopf is
-used for watching only: no kopf annotations or status fields are written
-(`on.event` handlers keep no progress state), so the CRDs' schemas stay ours.
+used for watching only: no kopf annotations, finalizers or status fields are written
+(`on.event` handlers keep no progress state, and the resync is one loop of ours rather
+than a kopf timer per object, which would put a finalizer on every job), so the CRDs'
+schemas stay ours and deleting a job never waits for the operator.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import kopf
@@ -60,6 +64,7 @@ class Dispatch:
         self._guard = threading.Lock()
         self._running: set[tuple[str, str, str]] = set()
         self._again: set[tuple[str, str, str]] = set()
+        self._last: dict[tuple[str, str, str], float] = {}  # when each last reconciled
         for kind, cls in RECONCILERS.items():
             if cls not in instances:
                 extra = (self.cache,) if cls is Reconciler else ()
@@ -83,6 +88,7 @@ class Dispatch:
                 with self._guard:
                     if key not in self._again:
                         self._running.discard(key)
+                        self._last[key] = time.monotonic()
                         return
                     self._again.discard(key)
         except BaseException:
@@ -96,6 +102,20 @@ class Dispatch:
         Failed job must not keep LMForgeJobFailed firing)."""
         self.cache.forget((kind, namespace, name))
         self.metrics.forget(kind, namespace, name)
+        with self._guard:
+            self._last.pop((kind, namespace, name), None)
+
+    def stale(self, seconds: float) -> list[tuple[str, str, str]]:
+        """The objects (of every managed kind the watches know) not reconciled for
+        `seconds`: what a resync reconciles. Call on kopf's event loop (index reads)."""
+        known = self.cache.known([jobs_index(kind) for kind in MANAGED_KINDS])
+        now = time.monotonic()
+        with self._guard:
+            return [
+                key
+                for key in known
+                if key not in self._running and now - self._last.get(key, -seconds) >= seconds
+            ]
 
     def note_disruption(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
         self.by_kind[kind].note_disruption(kind, namespace, name, pod)
@@ -114,35 +134,48 @@ def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegist
         except Exception:
             log.exception("reconcile of %s %s/%s failed; will retry", kind, namespace, name)
 
-    def job_handlers(kind: str) -> tuple[Any, Any]:
+    # kopf runs handlers only once every index holds its initial listing; the resync waits
+    # for the first handler too, so that it never reconciles from a half-filled cache.
+    handling = threading.Event()
+
+    def on_job_event(kind: str) -> Any:
         def on_event(**kw: Any) -> None:
             cache.attach(kw)
+            handling.set()
             if kw["type"] == "DELETED":
                 reconciler.forget(kind, kw["namespace"], kw["name"])
             else:
                 reconcile_quietly(kind, kw["namespace"], kw["name"])
 
-        def on_resync(**kw: Any) -> None:
-            cache.attach(kw)
-            reconcile_quietly(kind, kw["namespace"], kw["name"])
-
-        return on_event, on_resync
+        return on_event
 
     for kind in MANAGED_KINDS:
-        plural = KINDS[kind].plural
-        on_event, on_resync = job_handlers(kind)
-        kopf.on.event(GROUP, VERSION, plural, registry=registry)(on_event)
-        kopf.timer(
-            GROUP,
-            VERSION,
-            plural,
-            interval=resync_seconds,
-            initial_delay=resync_seconds,
-            registry=registry,
-        )(on_resync)
+        kopf.on.event(GROUP, VERSION, KINDS[kind].plural, registry=registry)(on_job_event(kind))
+
+    # The resync: every object not reconciled for resync_seconds (deadlines, waits on other
+    # jobs, anything no event announces), one at a time, in one loop for all objects.
+    resyncing: set[asyncio.Task[None]] = set()
+
+    async def resync_forever() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, resync_seconds / 4))
+            if not handling.is_set():
+                continue
+            for key in reconciler.stale(resync_seconds):
+                await loop.run_in_executor(None, reconcile_quietly, *key)
+
+    async def start_resync(**kw: Any) -> None:
+        cache.attach(kw)
+        task = asyncio.create_task(resync_forever())
+        resyncing.add(task)  # a reference, so the task is not collected
+        task.add_done_callback(resyncing.discard)
+
+    kopf.on.startup(registry=registry)(start_resync)
 
     def on_child_event(**kw: Any) -> None:
         cache.attach(kw)
+        handling.set()
         labels = kw["labels"]
         kind, name = labels.get(LABEL_KIND), labels.get(LABEL_NAME)
         if kw["type"] == "DELETED":

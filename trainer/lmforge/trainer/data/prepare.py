@@ -6,11 +6,14 @@ the job's output, never as Python objects, so memory stays flat however large th
 1. each source is streamed record by record, validated, and written to an Arrow file
    (problems are collected, with file, line and field, and raised together);
 2. eval hold-out, weights and shuffling are index arithmetic over those files (numpy);
-3. tokenization is a `datasets.map` over the chosen indices (several processes for large
-   data), keeping per-record counts (length, prompt length, truncated, dropped);
-4. records without trained tokens are dropped, and continued pretraining joins documents
-   with EOS and cuts blocks of maxSeqLength; packing puts whole records into sequences of at
-   most maxSeqLength (best fit, window by window: see packing.py); both stream.
+3. tokenization reads the example files front to back (several processes for large data, each
+   a contiguous range), writing tokens and per-record counts (length, prompt length, trained
+   tokens, truncated) in file order; files are streamed, not memory-mapped, so no process
+   keeps the pages it has read;
+4. each split is then an index map over the tokens: records without trained tokens are
+   dropped, and continued pretraining joins documents with EOS and cuts blocks of
+   maxSeqLength; packing puts whole records into sequences of at most maxSeqLength (best fit,
+   window by window: see packing.py); both stream.
 
 `prepare_data` returns the train/eval datasets, the statistics and what to tell the user.
 """
@@ -18,8 +21,10 @@ the job's output, never as Python objects, so memory stays flat however large th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,7 +50,8 @@ from lmforge.trainer.data.tokenization import (
 
 from lmforge.api.common import DatasetSpec, DataSource
 
-BATCH = 2000  # records per Arrow record batch and per tokenization batch
+BATCH = 2000  # records per tokenization batch (halved) and per Arrow batch written
+FILE_BATCH = 20_000  # records per record batch in the files (fewer headers to read)
 PARALLEL_FROM = 20_000  # examples from which tokenization uses several processes
 EXAMPLE_SCHEMA = pa.schema([("example", pa.string())])
 TOKENS = pa.list_(pa.int32())
@@ -111,21 +117,14 @@ def prepare_data(
         max_seq_length=None if continued_pretraining else spec.max_seq_length,
         train_on_prompt=spec.train_on_prompt or continued_pretraining,
     )
-    train, train_stats = _tokenized(
-        mixed.train,
-        tokenize,
-        spec,
-        continued_pretraining,
-        cache_dir,
-        "train",
-        num_proc,
-    )
+    tokens = tokenize_files(mixed.files, tokenize, cache_dir, num_proc)
+    _raise_problems(tokens, [mixed.train_order, mixed.eval_order])
+    split = _Split(tokens, spec, continued_pretraining, cache_dir)
+    train, train_stats = split("train", mixed.train_order)
     eval_data, eval_stats = None, None
     eval_examples: Sequence[Example] = []
-    if mixed.eval is not None:
-        eval_data, eval_stats = _tokenized(
-            mixed.eval, tokenize, spec, continued_pretraining, cache_dir, "eval", num_proc
-        )
+    if len(mixed.eval_order):
+        eval_data, eval_stats = split("eval", mixed.eval_order)
         eval_examples = ExampleColumn(mixed.eval)
 
     stats: dict[str, Any] = {
@@ -150,11 +149,40 @@ def prepare_data(
 
 @dataclass
 class MixedExamples:
-    """Validated examples on disk, chosen and ordered for training and evaluation."""
+    """Validated examples on disk, chosen and ordered for training and evaluation.
 
-    train: Any  # datasets.Dataset of {"example": JSON}, weighted and shuffled (an index map)
-    eval: Any | None
+    `files` hold every example once: the training sources', then the eval sources'; the
+    orders are indices into all of them, in that sequence.
+    """
+
+    files: list[ExampleFile]
+    train_order: np.ndarray  # weighted and shuffled
+    eval_order: np.ndarray  # held out (or the eval sources), shuffled; may be empty
     sources: list[SourceCount]
+
+    @property
+    def train(self) -> Any:
+        """The training examples as a datasets.Dataset of {"example": JSON}, in order."""
+        return self._examples().select(self.train_order)
+
+    @property
+    def eval(self) -> Any:
+        return self._examples().select(self.eval_order)
+
+    def _examples(self) -> Any:
+        import datasets
+
+        return datasets.concatenate_datasets(
+            [datasets.Dataset.from_file(str(f.path)) for f in self.files]
+        )
+
+
+@dataclass(frozen=True)
+class ExampleFile:
+    """An Arrow stream file of validated examples and how many it holds."""
+
+    path: Path
+    examples: int
 
 
 def mix_examples(spec: DatasetSpec, base_dir: Path, seed: int, cache_dir: Path) -> MixedExamples:
@@ -162,35 +190,30 @@ def mix_examples(spec: DatasetSpec, base_dir: Path, seed: int, cache_dir: Path) 
 
     Raises DataError with every problem of every source.
     """
-    import datasets
-
-    datasets.disable_progress_bars()
     cache_dir.mkdir(parents=True, exist_ok=True)
     problems: list[DataProblem] = []
-    train_sets = [
+    train_files = [
         _write_examples(source, base_dir, cache_dir / f"train-source-{i}.arrow", problems)
         for i, source in enumerate(spec.sources)
     ]
-    eval_sets = [
+    eval_files = [
         _write_examples(source, base_dir, cache_dir / f"eval-source-{i}.arrow", problems)
         for i, source in enumerate(spec.eval_split.sources)
     ]
     if problems:
         raise DataError(problems)
 
-    sizes = [len(table) for table in train_sets]
+    sizes = [f.examples for f in train_files]
+    total = sum(sizes)
     counts = [
         SourceCount(source.uri, size, source.weight)
         for source, size in zip(spec.sources, sizes, strict=True)
     ]
     if spec.eval_split.sources:
         kept = [np.arange(size) for size in sizes]
-        eval_table = datasets.concatenate_datasets(eval_sets) if eval_sets else None
-        eval_order = np.arange(len(eval_table)) if eval_table is not None else np.arange(0)
+        eval_order = total + np.arange(sum(f.examples for f in eval_files), dtype=np.int64)
     else:
-        kept, held = hold_out_indices(sizes, spec.eval_split.fraction, seed)
-        eval_table = datasets.concatenate_datasets(train_sets) if train_sets else None
-        eval_order = held
+        kept, eval_order = hold_out_indices(sizes, spec.eval_split.fraction, seed)
     for count, indices in zip(counts, kept, strict=True):
         count.held_out = count.examples - len(indices)
     train_order = weighted_indices(sizes, kept, [s.weight for s in spec.sources], seed)
@@ -202,9 +225,7 @@ def mix_examples(spec: DatasetSpec, base_dir: Path, seed: int, cache_dir: Path) 
     if len(train_order) == 0:
         where = ", ".join(source.uri for source in spec.sources)
         raise DataError([DataProblem(where, "", "weight", "no training examples are left")])
-    train = datasets.concatenate_datasets(train_sets).select(train_order)
-    held_out = eval_table.select(eval_order) if eval_table is not None and len(eval_order) else None
-    return MixedExamples(train, held_out, counts)
+    return MixedExamples(train_files + eval_files, train_order, eval_order, counts)
 
 
 # ---------------------------------------------------------------- indices
@@ -258,32 +279,60 @@ def weighted_indices(
 
 def _write_examples(
     source: DataSource, base_dir: Path, path: Path, problems: list[DataProblem]
-) -> Any:
-    """Stream a source's valid examples into an Arrow file; returns it memory-mapped."""
-    import datasets
-
+) -> ExampleFile:
+    """Stream a source's valid examples into an Arrow file."""
     rows = ({"example": example_to_json(e)} for e in iter_source(source, base_dir, problems))
-    write_arrow(path, EXAMPLE_SCHEMA, rows)
-    return datasets.Dataset.from_file(str(path))
+    return ExampleFile(path, write_arrow(path, EXAMPLE_SCHEMA, rows))
 
 
 def write_arrow(path: Path, schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows to an Arrow stream file in batches (what `datasets` memory-maps)."""
-    written = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+
+    def batches() -> Iterator[pa.RecordBatch]:
         batch: list[dict[str, Any]] = []
         for row in rows:
             batch.append(row)
             if len(batch) == BATCH:
-                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema))
-                written += len(batch)
+                yield pa.RecordBatch.from_pylist(batch, schema)
                 batch = []
-        if batch or not written:
-            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema))
-            written += len(batch)
+        if batch:
+            yield pa.RecordBatch.from_pylist(batch, schema)
+
+    return write_batches(path, schema, batches())
+
+
+def write_batches(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+    """Write record batches to an Arrow stream file atomically; returns the rows written.
+
+    Small batches are joined up to FILE_BATCH rows: every batch has a header that whoever
+    memory-maps the file reads, so fewer batches mean fewer pages touched.
+    """
+    written = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        pending: list[pa.RecordBatch] = []
+
+        def flush() -> None:
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, schema).combine_chunks())
+                pending.clear()
+
+        for batch in batches:
+            pending.append(batch)
+            written += batch.num_rows
+            if sum(b.num_rows for b in pending) >= FILE_BATCH:
+                flush()
+        flush()
+        if not written:
+            writer.write_batch(pa.RecordBatch.from_pylist([], schema))
     tmp.replace(path)
     return written
+
+
+def read_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow stream file, read (not memory-mapped) one at a time."""
+    with pa.OSFile(str(path)) as source, pa.ipc.open_stream(source) as reader:
+        yield from reader
 
 
 def example_to_json(example: Example) -> str:
@@ -366,80 +415,184 @@ class _Tokenize:
         return out
 
 
-def _tokenized(
-    examples: Any,
-    tokenize: _Tokenize,
-    spec: DatasetSpec,
-    continued_pretraining: bool,
-    cache_dir: Path,
-    split: str,
-    num_proc: int | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Tokenize a split; returns the records a Trainer takes and the split's statistics."""
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("input_ids", TOKENS),
+        ("labels", TOKENS),
+        ("length", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("trained", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("problem", pa.string()),
+    ]
+)
+
+
+@dataclass
+class Tokens:
+    """Every example's tokens, in file order (row i is example i of MixedExamples.files), and
+    its counts as small arrays, so that statistics never page the token columns in."""
+
+    dataset: Any  # datasets.Dataset with the TOKEN_SCHEMA columns
+    length: np.ndarray  # rendered length before truncation
+    kept_length: np.ndarray  # len(input_ids)
+    prompt_tokens: np.ndarray
+    trained: np.ndarray
+    truncated: np.ndarray
+    with_problem: np.ndarray  # rows whose chat template refused the example
+
+
+def tokenize_files(
+    files: Sequence[ExampleFile], tokenize: _Tokenize, cache_dir: Path, num_proc: int | None
+) -> Tokens:
+    """Tokenize every example of `files`; several processes (each a contiguous range) from
+    PARALLEL_FROM examples on, or `num_proc` when given."""
     import datasets
 
-    if num_proc is None and len(examples) >= PARALLEL_FROM:
-        num_proc = min(os.cpu_count() or 1, 8)
-    tokens = examples.map(
-        tokenize,
-        batched=True,
-        batch_size=BATCH // 2,
-        remove_columns=["example"],
-        num_proc=num_proc if num_proc and num_proc > 1 else None,
-        load_from_cache_file=False,
-        cache_file_name=str(cache_dir / f"{split}-tokens.arrow"),
-        features=datasets.Features(
-            {
-                "input_ids": datasets.List(datasets.Value("int32")),
-                "labels": datasets.List(datasets.Value("int32")),
-                "length": datasets.Value("int64"),
-                "prompt_tokens": datasets.Value("int64"),
-                "trained": datasets.Value("int64"),
-                "truncated": datasets.Value("bool"),
-                "problem": datasets.Value("string"),
-            }
-        ),
+    total = sum(f.examples for f in files)
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if total >= PARALLEL_FROM else 1
+    parts = max(1, min(num_proc, total))
+    bounds = [total * k // parts for k in range(parts + 1)]
+    ranges = list(itertools.pairwise(bounds))
+    paths = [cache_dir / f"tokens-{k}-of-{parts}.arrow" for k in range(parts)]
+    if parts == 1:
+        _tokenize_range(files, ranges[0], tokenize, paths[0])
+    else:
+        # Forked: the tokenizer and the template are inherited, not pickled.
+        context = multiprocessing.get_context("fork")
+        workers = [
+            context.Process(target=_tokenize_range, args=(files, span, tokenize, path))
+            for span, path in zip(ranges, paths, strict=True)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        failed = [(w.exitcode, span) for w, span in zip(workers, ranges, strict=True) if w.exitcode]
+        if failed:
+            code, (start, end) = failed[0]
+            raise RuntimeError(
+                f"tokenizing examples {start}-{end} failed in a worker process (exit code "
+                f"{code}); its error is printed above"
+            )
+
+    # Small copies, batch by batch: a zero-copy view would keep the whole batch it was read
+    # in alive, token columns included.
+    columns: dict[str, list[np.ndarray]] = {key: [] for key in TOKEN_COLUMNS}
+    for path in paths:
+        for batch in read_batches(path):
+            for key in ("length", "prompt_tokens", "trained"):
+                columns[key].append(_as_numpy(batch.column(key)).astype(np.int32))
+            columns["truncated"].append(_as_numpy(batch.column("truncated")).astype(bool))
+            lengths = pc.list_value_length(batch.column("input_ids"))
+            columns["input_ids"].append(_as_numpy(lengths).astype(np.int32))
+            problems = pc.not_equal(batch.column("problem"), "")
+            columns["problem"].append(_as_numpy(problems).astype(bool))
+
+    def joined(key: str, dtype: Any) -> np.ndarray:
+        return np.concatenate(columns[key]) if columns[key] else np.zeros(0, dtype)
+
+    dataset = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(path)) for path in paths]
     )
-    table = tokens.data
-    bad = np.flatnonzero(_as_numpy(pc.not_equal(table.column("problem"), "")))
-    if len(bad):
-        found = tokens.select(bad)["problem"]
+    return Tokens(
+        dataset,
+        length=joined("length", np.int32),
+        kept_length=joined("input_ids", np.int32),
+        prompt_tokens=joined("prompt_tokens", np.int32),
+        trained=joined("trained", np.int32),
+        truncated=joined("truncated", bool),
+        with_problem=np.flatnonzero(joined("problem", bool)),
+    )
+
+
+def _tokenize_range(
+    files: Sequence[ExampleFile], span: tuple[int, int], tokenize: _Tokenize, path: Path
+) -> None:
+    """Tokenize examples start..end (global, in file order) into the Arrow file at `path`."""
+    start, end = span
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        offset = 0
+        for file in files:
+            if offset >= end:
+                return
+            if offset + file.examples <= start:
+                offset += file.examples
+                continue
+            for batch in read_batches(file.path):
+                first, last = max(start - offset, 0), min(end - offset, batch.num_rows)
+                for at in range(first, last, BATCH // 2):
+                    texts = batch.column("example").slice(at, min(BATCH // 2, last - at))
+                    yield pa.RecordBatch.from_pydict(
+                        tokenize({"example": texts.to_pylist()}), TOKEN_SCHEMA
+                    )
+                offset += batch.num_rows
+                if offset >= end:
+                    return
+
+    write_batches(path, TOKEN_SCHEMA, batches())
+
+
+def _raise_problems(tokens: Tokens, orders: Sequence[np.ndarray]) -> None:
+    """DataError with every example a split uses that the chat template refused."""
+    used = np.intersect1d(tokens.with_problem, np.concatenate(orders))
+    if len(used):
+        found = tokens.dataset.select(used)["problem"]
         raise DataError([DataProblem(*json.loads(text)) for text in found])
 
-    lengths = _as_numpy(table.column("length"))
-    if continued_pretraining:
-        path = cache_dir / f"{split}-blocks.arrow"
-        blocks = _write_blocks(tokens, path, spec.max_seq_length, spec.keep_partial_block)
-        stats = block_stats(
-            documents=len(tokens),
-            tokens_in=int(lengths.sum()),
-            percentiles=percentiles(lengths),
-            **blocks,
-        )
-        return datasets.Dataset.from_file(str(path)), stats
 
-    trained = _as_numpy(table.column("trained"))
-    truncated = _as_numpy(table.column("truncated"))
-    dropped = trained == 0
-    kept_lengths = _as_numpy(pc.list_value_length(table.column("input_ids")))[~dropped]
-    prompt = _as_numpy(table.column("prompt_tokens"))
-    stats = chat_stats(
-        examples=len(tokens),
-        records=int((~dropped).sum()),
-        dropped=int(dropped.sum()),
-        truncated=int(truncated.sum()),
-        tokens=int(kept_lengths.sum()),
-        trainable_tokens=int(trained.sum()),
-        max_length=int(kept_lengths.max()) if len(kept_lengths) else 0,
-        longest_dropped_prompt=int(prompt[dropped].max()) if dropped.any() else 0,
-        percentiles=percentiles(lengths),
-    )
-    records = tokens.select(np.flatnonzero(~dropped)).select_columns(["input_ids", "labels"])
-    if spec.packing:
-        path = cache_dir / f"{split}-packed.arrow"
-        stats.update(_write_packed(records, path, spec.max_seq_length))
-        records = datasets.Dataset.from_file(str(path))
-    return records, stats
+class _Split:
+    """A split of the tokens (an index map): its records for the Trainer and its statistics."""
+
+    def __init__(
+        self, tokens: Tokens, spec: DatasetSpec, continued_pretraining: bool, cache_dir: Path
+    ) -> None:
+        self.tokens = tokens
+        self.spec = spec
+        self.continued_pretraining = continued_pretraining
+        self.cache_dir = cache_dir
+
+    def __call__(self, name: str, order: np.ndarray) -> tuple[Any, dict[str, Any]]:
+        import datasets
+
+        tokens, spec = self.tokens, self.spec
+        lengths = tokens.length[order]
+        if self.continued_pretraining:
+            path = self.cache_dir / f"{name}-blocks.arrow"
+            documents = tokens.dataset.select(order)
+            blocks = _write_blocks(documents, path, spec.max_seq_length, spec.keep_partial_block)
+            stats = block_stats(
+                documents=len(order),
+                tokens_in=int(lengths.sum()),
+                percentiles=percentiles(lengths),
+                **blocks,
+            )
+            return datasets.Dataset.from_file(str(path)), stats
+
+        trained = tokens.trained[order]
+        dropped = trained == 0
+        kept_lengths = tokens.kept_length[order][~dropped]
+        prompt = tokens.prompt_tokens[order]
+        stats = chat_stats(
+            examples=len(order),
+            records=int((~dropped).sum()),
+            dropped=int(dropped.sum()),
+            truncated=int(tokens.truncated[order].sum()),
+            tokens=int(kept_lengths.sum()),
+            trainable_tokens=int(trained.sum()),
+            max_length=int(kept_lengths.max()) if len(kept_lengths) else 0,
+            longest_dropped_prompt=int(prompt[dropped].max()) if dropped.any() else 0,
+            percentiles=percentiles(lengths),
+        )
+        kept = order[~dropped] if dropped.any() else order
+        records = tokens.dataset.select(kept).select_columns(["input_ids", "labels"])
+        if spec.packing:
+            path = self.cache_dir / f"{name}-packed.arrow"
+            stats.update(_write_packed(records, path, spec.max_seq_length))
+            records = datasets.Dataset.from_file(str(path))
+        return records, stats
 
 
 def _as_numpy(column: Any) -> np.ndarray:
