@@ -1127,6 +1127,63 @@ def test_prepared_in_worker_processes_matches_one_process(
     assert results[0][2]["eval"]["examples"] == 7
 
 
+def test_node_prepares_once_and_other_local_ranks_open_the_same_files(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun, local rank 0 prepares; rank 1 waits, then opens the same files with
+    the same records, statistics and eval examples; an earlier launch's marker is ignored."""
+    import threading
+
+    from lmforge.trainer.data import prepare, prepare_once_per_node
+
+    tokenized: list[int] = []
+    tokenize_files = prepare.tokenize_files
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tokenized.append(threading.get_ident())
+        return tokenize_files(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "tokenize_files", counted)
+    spec = DatasetSpec(
+        sources=[DataSource(uri=_numbered_source(tmp_path, "a.jsonl", 30), weight=1.5)],
+        eval_split=EvalSplit(fraction=0.2),
+        packing=True,
+        max_seq_length=48,
+    )
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "prepared-1-2.json").write_text("{}")  # stale: another launch's
+
+    def prepare(local_rank: str) -> Any:
+        return prepare_once_per_node(
+            spec,
+            tokenizer,
+            chat_template=None,
+            continued_pretraining=False,
+            base_dir=tmp_path,
+            seed=0,
+            cache_dir=cache,
+            env={"LOCAL_RANK": local_rank},
+        )
+
+    waited: dict[str, Any] = {}
+    other = threading.Thread(target=lambda: waited.update(data=prepare("1")))
+    other.start()
+    first = prepare("0")
+    other.join(timeout=60)
+    second = waited["data"]
+    assert not (cache / "prepared-1-2.json").exists()
+    assert tokenized == [threading.get_ident()]  # once, by local rank 0
+    assert second.train.to_list() == first.train.to_list() and len(first.train) > 0
+    assert second.eval.to_list() == first.eval.to_list()
+    assert list(second.eval_examples) == list(first.eval_examples) != []
+    assert (second.stats, second.summary, second.warnings) == (
+        first.stats,
+        first.summary,
+        first.warnings,
+    )
+
+
 def test_prepared_problems_keep_file_line_and_field(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(DataError) as err:
         prepare(tmp_path, tokenizer, sources=[DataSource(uri=str(FIXTURES / "malformed"))])

@@ -57,6 +57,11 @@ def rank(env: Mapping[str, str] = os.environ) -> int:
     return int(env.get("RANK", "0"))
 
 
+def node_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This node's rank: torchrun's GROUP_RANK in a worker, the operator's NODE_RANK before."""
+    return int(env.get("GROUP_RANK", env.get("NODE_RANK", "0")))
+
+
 def model_config(path: str) -> dict[str, Any] | None:
     """The base model's config.json, or None when it is not a readable local file."""
     try:

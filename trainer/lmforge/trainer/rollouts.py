@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+from lmforge.trainer.launch import node_rank
 from lmforge.trainer.model import MethodError
 from lmforge.trainer.policy import load_policy, load_trainable_state, trainable_state
 
@@ -223,7 +224,7 @@ def ray_role(env: Mapping[str, str]) -> RayRole:
     if env.get("RAY_ADDRESS"):
         return RayRole("external", env["RAY_ADDRESS"])
     nodes = int(env.get("NNODES", "1"))
-    node_rank = int(env.get("GROUP_RANK", env.get("NODE_RANK", "0")))
+    node = node_rank(env)
     local_rank = int(env.get("LOCAL_RANK", "0"))
     if local_rank != 0:
         return RayRole("idle")
@@ -231,7 +232,7 @@ def ray_role(env: Mapping[str, str]) -> RayRole:
         return RayRole("local")
     port = env.get(RAY_PORT_ENV, str(DEFAULT_RAY_PORT))
     address = f"{env.get('MASTER_ADDR', '127.0.0.1')}:{port}"
-    return RayRole("head" if node_rank == 0 else "worker", address)
+    return RayRole("head" if node == 0 else "worker", address)
 
 
 def ray_start_command(role: RayRole) -> list[str]:

@@ -11,7 +11,7 @@ trainer = Trainer(..., train_dataset=data.train, data_collator=DataCollator(toke
 from lmforge.trainer.data.collate import DataCollator
 from lmforge.trainer.data.examples import DataError, DataProblem, Example
 from lmforge.trainer.data.loading import iter_source, load_examples, load_source
-from lmforge.trainer.data.prepare import PreparedData, prepare_data
+from lmforge.trainer.data.prepare import PreparedData, prepare_data, prepare_once_per_node
 from lmforge.trainer.data.templates import NAMED_TEMPLATES, resolve_chat_template
 from lmforge.trainer.data.tokenization import (
     TokenizedData,
@@ -32,6 +32,7 @@ __all__ = [
     "load_examples",
     "load_source",
     "prepare_data",
+    "prepare_once_per_node",
     "resolve_chat_template",
     "tokenize_examples",
 ]

@@ -21,13 +21,16 @@ the job's output, never as Python objects, so memory stays flat however large th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -49,6 +52,8 @@ from lmforge.trainer.data.tokenization import (
 )
 
 from lmforge.api.common import DatasetSpec, DataSource
+
+log = logging.getLogger(__name__)
 
 BATCH = 2000  # records per tokenization batch (halved) and per Arrow batch written
 FILE_BATCH = 20_000  # records per record batch in the files (fewer headers to read)
@@ -79,6 +84,24 @@ class SourceCount:
 
 
 @dataclass
+class OnDisk:
+    """A dataset as its Arrow files, an optional index map over them and the columns used:
+    what another process opens to get the same dataset without preparing it again."""
+
+    files: list[str]
+    indices: np.ndarray | None = None
+    columns: list[str] | None = None
+
+    def open(self) -> Any:
+        import datasets
+
+        found = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in self.files])
+        if self.indices is not None:
+            found = found.select(self.indices)
+        return found.select_columns(self.columns) if self.columns else found
+
+
+@dataclass
 class PreparedData:
     """Token datasets ready for a Trainer, and what preparation did to the data."""
 
@@ -88,10 +111,47 @@ class PreparedData:
     stats: dict[str, Any]
     summary: str
     warnings: list[str] = field(default_factory=list)
+    on_disk: dict[str, OnDisk] = field(default_factory=dict)  # train, eval, eval_examples
 
     def metrics(self) -> dict[str, float]:
         """The training split's counts for metrics.json and the job's status."""
         return data_metrics(self.stats["train"])
+
+    def save(self, path: Path) -> None:
+        """Write what `load` needs next to the data (index maps as .npy), atomically."""
+        described: dict[str, Any] = {"stats": self.stats, "on_disk": {}}
+        for name, where in self.on_disk.items():
+            entry: dict[str, Any] = {"files": where.files, "columns": where.columns}
+            if where.indices is not None:
+                entry["indices"] = str(path.with_name(f"{path.stem}-{name}.npy"))
+                np.save(entry["indices"], where.indices)
+            described["on_disk"][name] = entry
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(described))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PreparedData:
+        """The data another process prepared and saved at `path` (memory-mapped, shared)."""
+        described = json.loads(path.read_text())
+        on_disk = {
+            name: OnDisk(
+                entry["files"],
+                np.load(entry["indices"], mmap_mode="r") if "indices" in entry else None,
+                entry["columns"],
+            )
+            for name, entry in described["on_disk"].items()
+        }
+        stats = described["stats"]
+        return cls(
+            on_disk["train"].open(),
+            on_disk["eval"].open() if "eval" in on_disk else None,
+            ExampleColumn(on_disk["eval_examples"].open()) if "eval_examples" in on_disk else [],
+            stats,
+            stats["summary"],
+            stats["warnings"],
+            on_disk,
+        )
 
 
 def prepare_data(
@@ -120,12 +180,16 @@ def prepare_data(
     tokens = tokenize_files(mixed.files, tokenize, cache_dir, num_proc)
     _raise_problems(tokens, [mixed.train_order, mixed.eval_order])
     split = _Split(tokens, spec, continued_pretraining, cache_dir)
-    train, train_stats = split("train", mixed.train_order)
+    on_disk: dict[str, OnDisk] = {}
+    on_disk["train"], train_stats = split("train", mixed.train_order)
+    train = on_disk["train"].open()
     eval_data, eval_stats = None, None
     eval_examples: Sequence[Example] = []
     if len(mixed.eval_order):
-        eval_data, eval_stats = split("eval", mixed.eval_order)
-        eval_examples = ExampleColumn(mixed.eval)
+        on_disk["eval"], eval_stats = split("eval", mixed.eval_order)
+        eval_data = on_disk["eval"].open()
+        on_disk["eval_examples"] = OnDisk(mixed.example_files, mixed.eval_order)
+        eval_examples = ExampleColumn(on_disk["eval_examples"].open())
 
     stats: dict[str, Any] = {
         "train": train_stats,
@@ -144,7 +208,49 @@ def prepare_data(
         verdict = f"no record is left to train on ({summary})"
         message = f"{verdict}: {'; '.join(found)}" if found else verdict
         raise DataError([DataProblem("dataset", "", "", message)])
-    return PreparedData(train, eval_data, eval_examples, stats, summary, found)
+    return PreparedData(train, eval_data, eval_examples, stats, summary, found, on_disk)
+
+
+def prepare_once_per_node(
+    spec: DatasetSpec,
+    tokenizer: Any,
+    *,
+    chat_template: str | None,
+    continued_pretraining: bool,
+    base_dir: Path,
+    seed: int,
+    cache_dir: Path,
+    env: Mapping[str, str] = os.environ,
+) -> PreparedData:
+    """`prepare_data`, done once per node: under torchrun the node's first process
+    (LOCAL_RANK 0) prepares, the others wait for it and open the same files (memory-mapped,
+    so the node holds one copy in its page cache) instead of each tokenizing its own."""
+    prepare = functools.partial(
+        prepare_data,
+        spec,
+        tokenizer,
+        chat_template=chat_template,
+        continued_pretraining=continued_pretraining,
+        base_dir=base_dir,
+        seed=seed,
+        cache_dir=cache_dir,
+    )
+    if "LOCAL_RANK" not in env:
+        return prepare()
+    # One name per launch: the torchrun agent (every local rank's parent) and its start time.
+    agent = os.getppid()
+    started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    marker = cache_dir / f"prepared-{agent}-{started}.json"
+    if env["LOCAL_RANK"] == "0":
+        for old in cache_dir.glob("prepared-*"):  # an earlier launch's
+            old.unlink()
+        data = prepare()
+        data.save(marker)
+        return data
+    log.info("waiting for local rank 0 to prepare the data (%s)", marker)
+    while not marker.exists():
+        time.sleep(0.5)
+    return PreparedData.load(marker)
 
 
 @dataclass
@@ -161,20 +267,17 @@ class MixedExamples:
     sources: list[SourceCount]
 
     @property
+    def example_files(self) -> list[str]:
+        return [str(f.path) for f in self.files]
+
+    @property
     def train(self) -> Any:
         """The training examples as a datasets.Dataset of {"example": JSON}, in order."""
-        return self._examples().select(self.train_order)
+        return OnDisk(self.example_files, self.train_order).open()
 
     @property
     def eval(self) -> Any:
-        return self._examples().select(self.eval_order)
-
-    def _examples(self) -> Any:
-        import datasets
-
-        return datasets.concatenate_datasets(
-            [datasets.Dataset.from_file(str(f.path)) for f in self.files]
-        )
+        return OnDisk(self.example_files, self.eval_order).open()
 
 
 @dataclass(frozen=True)
@@ -433,7 +536,7 @@ class Tokens:
     """Every example's tokens, in file order (row i is example i of MixedExamples.files), and
     its counts as small arrays, so that statistics never page the token columns in."""
 
-    dataset: Any  # datasets.Dataset with the TOKEN_SCHEMA columns
+    files: list[str]  # the Arrow files of the TOKEN_SCHEMA columns, in order
     length: np.ndarray  # rendered length before truncation
     kept_length: np.ndarray  # len(input_ids)
     prompt_tokens: np.ndarray
@@ -447,7 +550,6 @@ def tokenize_files(
 ) -> Tokens:
     """Tokenize every example of `files`; several processes (each a contiguous range) from
     PARALLEL_FROM examples on, or `num_proc` when given."""
-    import datasets
 
     total = sum(f.examples for f in files)
     if num_proc is None:
@@ -493,11 +595,8 @@ def tokenize_files(
     def joined(key: str, dtype: Any) -> np.ndarray:
         return np.concatenate(columns[key]) if columns[key] else np.zeros(0, dtype)
 
-    dataset = datasets.concatenate_datasets(
-        [datasets.Dataset.from_file(str(path)) for path in paths]
-    )
     return Tokens(
-        dataset,
+        [str(path) for path in paths],
         length=joined("length", np.int32),
         kept_length=joined("input_ids", np.int32),
         prompt_tokens=joined("prompt_tokens", np.int32),
@@ -539,7 +638,7 @@ def _raise_problems(tokens: Tokens, orders: Sequence[np.ndarray]) -> None:
     """DataError with every example a split uses that the chat template refused."""
     used = np.intersect1d(tokens.with_problem, np.concatenate(orders))
     if len(used):
-        found = tokens.dataset.select(used)["problem"]
+        found = OnDisk(tokens.files, used).open()["problem"]
         raise DataError([DataProblem(*json.loads(text)) for text in found])
 
 
@@ -554,14 +653,12 @@ class _Split:
         self.continued_pretraining = continued_pretraining
         self.cache_dir = cache_dir
 
-    def __call__(self, name: str, order: np.ndarray) -> tuple[Any, dict[str, Any]]:
-        import datasets
-
+    def __call__(self, name: str, order: np.ndarray) -> tuple[OnDisk, dict[str, Any]]:
         tokens, spec = self.tokens, self.spec
         lengths = tokens.length[order]
         if self.continued_pretraining:
             path = self.cache_dir / f"{name}-blocks.arrow"
-            documents = tokens.dataset.select(order)
+            documents = OnDisk(tokens.files, order).open()
             blocks = _write_blocks(documents, path, spec.max_seq_length, spec.keep_partial_block)
             stats = block_stats(
                 documents=len(order),
@@ -569,7 +666,7 @@ class _Split:
                 percentiles=percentiles(lengths),
                 **blocks,
             )
-            return datasets.Dataset.from_file(str(path)), stats
+            return OnDisk([str(path)]), stats
 
         trained = tokens.trained[order]
         dropped = trained == 0
@@ -586,12 +683,11 @@ class _Split:
             longest_dropped_prompt=int(prompt[dropped].max()) if dropped.any() else 0,
             percentiles=percentiles(lengths),
         )
-        kept = order[~dropped] if dropped.any() else order
-        records = tokens.dataset.select(kept).select_columns(["input_ids", "labels"])
+        records = OnDisk(tokens.files, order[~dropped], ["input_ids", "labels"])
         if spec.packing:
             path = self.cache_dir / f"{name}-packed.arrow"
-            stats.update(_write_packed(records, path, spec.max_seq_length))
-            records = datasets.Dataset.from_file(str(path))
+            stats.update(_write_packed(records.open(), path, spec.max_seq_length))
+            records = OnDisk([str(path)])
         return records, stats
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.trainer import export, sharding
-from lmforge.trainer.data import DataCollator, prepare_data, resolve_chat_template
+from lmforge.trainer.data import DataCollator, prepare_once_per_node, resolve_chat_template
 from lmforge.trainer.evaluate import exact_match_accuracy, perplexity
-from lmforge.trainer.launch import rank
+from lmforge.trainer.launch import node_rank, rank
 from lmforge.trainer.loop import (
     AdaLoraCallback,
     AtomicCheckpointTrainer,
@@ -66,14 +66,14 @@ def run(config: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.paths.model, spec.model.trust_remote_code)
     template = resolve_chat_template(spec.model.chat_template, tokenizer)
     # The pre-flight: bad or untrainable data fails here, before any model weights load.
-    data = prepare_data(
+    data = prepare_once_per_node(
         spec.dataset,
         tokenizer,
         chat_template=template,
         continued_pretraining=spec.task == "continued-pretraining",
         base_dir=Path(config.paths.data or "."),
         seed=spec.training.seed,
-        cache_dir=out / "data-cache" / f"rank-{rank()}",
+        cache_dir=out / "data-cache" / f"node-{node_rank()}",
     )
     eval_examples = data.eval_examples
     if main:
