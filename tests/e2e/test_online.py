@@ -1,5 +1,6 @@
-"""RAFT and PPO end to end on the tiny task: they raise the held-out reward of a briefly
-fine-tuned policy, resume after a SIGKILL, and spread rollouts over Ray workers."""
+"""RAFT, PPO, GRPO and RLOO end to end on the tiny task: each raises the held-out reward of a
+briefly fine-tuned policy by half; RAFT and PPO resume from their last checkpoint, and RAFT
+spreads rollouts over Ray workers."""
 
 from __future__ import annotations
 
@@ -116,6 +117,36 @@ def test_ppo_raises_the_held_out_reward(start_policy: Path, tmp_path: Path) -> N
     assert metrics["reward_after"] >= 1.5 * metrics["reward_before"] > 0, metrics
     assert metrics["steps"] == 24 and len(metrics["rounds"]) == 24
     assert {"kl", "policy_loss", "value_loss"} <= set(metrics["rounds"][0])
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_trl_online_method_raises_the_held_out_reward(
+    method: str, start_policy: Path, tmp_path: Path
+) -> None:
+    """GRPO and RLOO (TRL's trainers) from the start RAFT and PPO have: 80 steps of 32 prompts
+    x 8 responses. Sampling at temperature 0.5 gives the groups enough right words to learn
+    from (0.7 learns about half as fast), a constant learning rate keeps learning to the last
+    step (cosine spends the last quarter near 0), beta 0 spares the reference model's forward.
+    Seen: 0.205 -> 0.413 (grpo) and 0.205 -> 0.478 (rloo)."""
+    path = write(
+        tmp_path,
+        start_policy,
+        method,
+        method={"type": method, "beta": 0.0},
+        generation={"samplesPerPrompt": 8, "temperature": 0.5},
+        training={
+            "maxSteps": 80,
+            "learningRate": 1e-3,
+            "scheduler": "constant",
+            "batchSize": {"perDevice": 32},
+        },
+    )
+    metrics = run(path, tmp_path / "out")
+    assert metrics["reward_after"] >= 1.5 * metrics["reward_before"] > 0, metrics
+    assert metrics["reward_after/word-accuracy"] > metrics["reward_before/word-accuracy"]
+    assert metrics["reward_after/exact"] >= metrics["reward_before/exact"]
+    assert metrics["steps"] == 80
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 
 def test_ppo_continues_from_its_last_rollout_step(start_policy: Path, tmp_path: Path) -> None:
