@@ -97,8 +97,8 @@ def test_raft_raises_the_held_out_reward(start_policy: Path, tmp_path: Path) -> 
     assert metrics["reward_after"] >= 1.5 * metrics["reward_before"] > 0, metrics
     # every component is reported on its own: the dense one rose, the sparse one did not fall
     # (whole answers right are rare after 4 tiny rounds: 0 -> 0 or 0 -> 0.05 seen)
-    assert metrics["reward_after_word-accuracy"] > metrics["reward_before_word-accuracy"]
-    assert metrics["reward_after_exact"] >= metrics["reward_before_exact"]
+    assert metrics["reward_after/word-accuracy"] > metrics["reward_before/word-accuracy"]
+    assert metrics["reward_after/exact"] >= metrics["reward_before/exact"]
     assert len(metrics["round_rewards"]) == 4 and metrics["steps"] == 4
     assert metrics["rounds"][-1]["kept"] == 1000  # local selection: one per prompt
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()

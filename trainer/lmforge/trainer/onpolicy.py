@@ -187,8 +187,8 @@ def round_metrics(
     return {
         "reward_before": state["reward_before"],
         "reward_after": after,
-        **{f"reward_before_{k}": v for k, v in state["reward_components_before"].items()},
-        **{f"reward_after_{k}": v for k, v in after_parts.items()},
+        **{f"reward_before/{k}": v for k, v in state["reward_components_before"].items()},
+        **{f"reward_after/{k}": v for k, v in after_parts.items()},
         "rounds": state["rounds"],
         "round_rewards": [r["reward_mean"] for r in state["rounds"]],
         "steps": len(state["rounds"]),
