@@ -233,8 +233,24 @@ def register_indexes(registry: kopf.OperatorRegistry) -> None:
     )
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf compares every event's object with the last handled one, for change handlers
+    (on.create/on.update/...). The operator has none (on.event only), so it skips the
+    deep copies of every job, Job and pod that comparison costs on every event."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False  # our own Events, with our reasons
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.execution.max_workers = 8
