@@ -178,3 +178,21 @@ def test_grpo_scores_rollouts_with_a_reward_model_job(
     # the learned reward is the total; the task's true reward is reported beside it
     assert metrics["reward_before"] == pytest.approx(metrics["reward_before/learned"])
     assert metrics["reward_after/words"] >= 0
+
+
+def test_raft_on_a_reward_model_job_improves_the_true_reward(
+    runs: Path, reward_model: dict[str, Any]
+) -> None:
+    """The chain: SFT policy -> reward model -> RAFT scored by the reward model alone. The
+    task's true reward (weight 0, reported beside it) rises too, not only the learned one.
+    (GRPO on the same learned reward hacks it: 80 steps at beta 0 took the learned reward
+    from -5.1 to 3.9 while word accuracy fell from 0.31 to 0.06; best-of-8 selection among
+    the policy's own samples stays where the reward model is right.)"""
+    learned = {"name": "learned", "model": {"fromJob": {"kind": "AlignmentJob", "name": "reward"}}}
+    spec = online_spec(
+        "raft", [learned, {**WORDS, "weight": 0}], learningRate=2e-3, batchSize={"perDevice": 32}
+    )
+    spec["method"] |= {"raft": {"iterations": 4}, "peft": {"type": "full"}}
+    metrics = run(job("AlignmentJob", "raft-learned", spec, runs), runs)
+    assert metrics["reward_after/learned"] > metrics["reward_before/learned"] + 1, metrics
+    assert metrics["reward_after/words"] > metrics["reward_before/words"], metrics
