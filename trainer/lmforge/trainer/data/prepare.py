@@ -61,15 +61,18 @@ PARALLEL_FROM = 20_000  # examples from which tokenization uses several processe
 EXAMPLE_SCHEMA = pa.schema([("example", pa.string())])
 TOKENS = pa.list_(pa.int32())
 EXAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Example))
-TOKEN_COLUMNS = (
-    "input_ids",
-    "labels",
-    "length",
-    "prompt_tokens",
-    "trained",
-    "truncated",
-    "problem",
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("input_ids", TOKENS),
+        ("labels", TOKENS),
+        ("length", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("trained", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("problem", pa.string()),
+    ]
 )
+TOKEN_COLUMNS = tuple(TOKEN_SCHEMA.names)
 
 
 @dataclass
@@ -269,15 +272,6 @@ class MixedExamples:
     @property
     def example_files(self) -> list[str]:
         return [str(f.path) for f in self.files]
-
-    @property
-    def train(self) -> Any:
-        """The training examples as a datasets.Dataset of {"example": JSON}, in order."""
-        return OnDisk(self.example_files, self.train_order).open()
-
-    @property
-    def eval(self) -> Any:
-        return OnDisk(self.example_files, self.eval_order).open()
 
 
 @dataclass(frozen=True)
@@ -516,19 +510,6 @@ class _Tokenize:
             out["truncated"].append(encoded.truncated)
             out["problem"].append(json.dumps(dataclasses.astuple(problems[0])) if problems else "")
         return out
-
-
-TOKEN_SCHEMA = pa.schema(
-    [
-        ("input_ids", TOKENS),
-        ("labels", TOKENS),
-        ("length", pa.int64()),
-        ("prompt_tokens", pa.int64()),
-        ("trained", pa.int64()),
-        ("truncated", pa.bool_()),
-        ("problem", pa.string()),
-    ]
-)
 
 
 @dataclass
