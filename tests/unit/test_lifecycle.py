@@ -562,6 +562,34 @@ def test_non_retryable_failure_fails_at_once(failed_pod: Obj, reason: str) -> No
     )
 
 
+def test_a_failed_job_waits_for_the_failed_pod_that_says_why() -> None:
+    """The Job watch may show Failed while the pod watch still shows the pod running:
+    deciding then would restart a bad-data job as a crash. It waits for the pod, and only
+    a pod that never shows leaves the Job's message to explain, POD_FAILURE_GRACE later."""
+    previous = {"phase": "Running", "restarts": 0}
+    still_running = [pod(0, phase="Running")]
+    early = decide(
+        observed(status=previous, workload=workload(FAILED), pods=still_running, now=T1)
+    )
+    assert early.action is Action.NONE
+    assert early.status["phase"] == "Running"
+    assert early.status["restarts"] == 0
+    assert early.events == []
+
+    caught_up = decide(
+        observed(status=previous, workload=workload(FAILED), pods=[BAD_DATA], now=T1)
+    )
+    assert caught_up.status["phase"] == "Failed"
+    assert condition(caught_up.status, "Failed")["reason"] == "BadData"
+
+    pod_gone = decide(
+        observed(status=previous, workload=workload(FAILED), pods=[], now=T2, backoff_limit=3)
+    )
+    assert pod_gone.action is Action.RESTART
+    assert condition(pod_gone.status, "Restarting")["reason"] == "Crashed"
+    assert "backoff limit" in condition(pod_gone.status, "Restarting")["message"]
+
+
 def test_deadline_exceeded_fails() -> None:
     deadline = job_condition("Failed", "DeadlineExceeded", "Job was active longer than specified")
     decision = decide(

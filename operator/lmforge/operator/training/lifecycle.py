@@ -384,7 +384,15 @@ def _handle_failure(obs: Observed, status: _Status, failed: dict[str, Any]) -> D
         )
         return status.decision()
     failed_pods = [p for p in obs.pods if p.get("status", {}).get("phase") == "Failed"]
-    failure, message = root_cause(failed_pods) or (
+    cause = root_cause(failed_pods)
+    if cause is None and _seconds_since(failed.get("lastTransitionTime"), obs.now) < (
+        POD_FAILURE_GRACE_SECONDS
+    ):
+        # The Job and pod watches are separate streams: the Job may say Failed before the
+        # failed pod that says why reaches us. Its event brings the next reconcile; only a
+        # pod that never shows (deleted) leaves the Job's own message to explain.
+        return status.decision()
+    failure, message = cause or (
         Failure.CRASHED,
         failed.get("message") or "the workload failed",
     )
@@ -416,6 +424,19 @@ def _handle_failure(obs: Observed, status: _Status, failed: dict[str, Any]) -> D
     )
     status.phase("Pending", "Restarting", message, event=False)
     return status.decision(Action.RESTART)
+
+
+# How long a failed Job waits for a failed pod to explain it before its own message does.
+POD_FAILURE_GRACE_SECONDS = 30
+
+
+def _seconds_since(stamp: str | None, now: str) -> float:
+    """Seconds from an API timestamp to `now`; infinite when either is missing or odd."""
+    try:
+        start, end = (datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (stamp, now))
+    except ValueError:
+        return float("inf")
+    return (end - start).total_seconds()
 
 
 def _running(obs: Observed, status: _Status) -> Decision:
