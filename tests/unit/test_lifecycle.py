@@ -568,9 +568,7 @@ def test_a_failed_job_waits_for_the_failed_pod_that_says_why() -> None:
     a pod that never shows leaves the Job's message to explain, POD_FAILURE_GRACE later."""
     previous = {"phase": "Running", "restarts": 0}
     still_running = [pod(0, phase="Running")]
-    early = decide(
-        observed(status=previous, workload=workload(FAILED), pods=still_running, now=T1)
-    )
+    early = decide(observed(status=previous, workload=workload(FAILED), pods=still_running, now=T1))
     assert early.action is Action.NONE
     assert early.status["phase"] == "Running"
     assert early.status["restarts"] == 0
