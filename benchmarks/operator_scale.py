@@ -148,7 +148,7 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
     seen = JobWatch(namespace, selector=LABEL_NAME)
     seen.start()
     seen.ready.wait(30)
-    started = time.monotonic()
+    started, cpu = time.monotonic(), cpu_by_program()
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(kube.apply, objects))
     last = seen.wait_for(jobs, timeout=1800)
@@ -158,6 +158,7 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
         "seconds": last - started,
         "objects_applied": len(objects),
         "objects_per_job": len(objects) / jobs,
+        "cpu_seconds_by_program": cpu_since(cpu),
     }
 
 
@@ -222,6 +223,28 @@ class Operator:
         self.log.close()
 
 
+def cpu_by_program() -> dict[str, float]:
+    """CPU seconds used so far by every running program, summed by name (kube-apiserver,
+    etcd, kwok, python, ...): where a phase's CPU went, by difference."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per program since `before`, the busiest first (over 0.5 s)."""
+    used = {k: v - before.get(k, 0.0) for k, v in cpu_by_program().items()}
+    return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.5}
+
+
 def phases(kube: Kube, namespace: str) -> dict[str, int]:
     items = kube.request("GET", collection_path("FinetuneJob", namespace)).get("items", [])
     counts: dict[str, int] = {}
@@ -237,7 +260,7 @@ def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
     seen = JobWatch(namespace)
     seen.start()
     seen.ready.wait(30)
-    before, cpu_before = operator.requests(), operator.cpu_seconds()
+    before, cpu_before, cpu = operator.requests(), operator.cpu_seconds(), cpu_by_program()
     started = time.monotonic()
     create_jobs(kube, namespace, [f"job-{i:04d}" for i in range(jobs)])
     created = time.monotonic() - started
@@ -250,6 +273,7 @@ def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
         "requests_per_job": (operator.requests() - before) / jobs,
         # against "seconds": near 1.0 the operator's one interpreter is the bottleneck
         "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
+        "cpu_seconds_by_program": cpu_since(cpu),
     }
 
 

@@ -151,6 +151,14 @@ class KubeReporter:
             pass
 
 
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    """Signal every process of a process group (the engine runs in a session of its own)."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass  # none left
+
+
 class Supervisor:
     """Runs one replica until stopped (SIGTERM/SIGINT)."""
 
@@ -191,20 +199,25 @@ class Supervisor:
         self.engine = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop_engine(self, timeout: float = 30) -> None:
-        if self.engine is None or self.engine.poll() is not None:
+        """SIGTERM the engine's process group, then SIGKILL what is left of it: vLLM's
+        EngineCore can outlive the API server it belongs to (2 GB and a busy core each)."""
+        if self.engine is None:
             return
-        os.killpg(self.engine.pid, signal.SIGTERM)
-        try:
-            self.engine.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.engine.pid, signal.SIGKILL)
-            self.engine.wait()
+        if self.engine.poll() is None:
+            _signal_group(self.engine.pid, signal.SIGTERM)
+            try:
+                self.engine.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.engine.pid, signal.SIGKILL)
+        self.engine.wait()
 
     def _check_engine(self, now: float) -> bool:
         """True when the engine process runs; restarts it (with backoff) when it died."""
         if self.engine is not None and self.engine.poll() is None:
             return True
         if self.engine is not None:
+            _signal_group(self.engine.pid, signal.SIGKILL)  # its orphans, if any
             code = self.engine.returncode
             self.engine = None
             self.state.engine_restarts += 1

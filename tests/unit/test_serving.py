@@ -6,7 +6,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, get_args
 
 import pytest
@@ -25,6 +31,7 @@ from lmforge.api.validation import load_file, parse_object
 from lmforge.serve.adapters import plan_sync
 from lmforge.serve.engine import engine_command, engine_env
 from lmforge.serve.middleware import ServingMiddleware, readiness
+from lmforge.serve.supervisor import Supervisor
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -516,3 +523,41 @@ def test_lmforge_serve_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_stopping_the_engine_stops_what_it_started(tmp_path: Path) -> None:
+    """vLLM's EngineCore may ignore the SIGTERM its API server exits on; stopping the
+    engine must not leave it running (it holds GBs and a busy core)."""
+    pid_file = tmp_path / "core.pid"
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    engine = (
+        "import subprocess, sys, time\n"
+        f"core = subprocess.Popen([sys.executable, '-c', {stubborn!r}])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(core.pid))\n"
+        "time.sleep(600)\n"
+    )
+    config = SimpleNamespace(port=1, name="m", state_file=str(tmp_path / "state.json"))
+    supervisor = Supervisor(config, sys.executable, tmp_path)  # type: ignore[arg-type]
+    supervisor.engine = subprocess.Popen([sys.executable, "-c", engine], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the fake engine never started its core"
+        time.sleep(0.05)
+    core = int(pid_file.read_text())
+    time.sleep(0.5)  # the core has set its SIGTERM handler
+
+    supervisor.stop_engine(timeout=5)
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"  # a zombie waits for init to reap it: it runs no more
+
+    deadline = time.monotonic() + 10
+    while alive(core) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(core):
+        os.kill(core, signal.SIGKILL)
+        raise AssertionError("the engine's child outlived stop_engine")
