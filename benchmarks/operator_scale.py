@@ -165,7 +165,9 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
 class Operator:
     """`lmforge operator` as a child process, with its metrics endpoint."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(
+        self, kubeconfig: Path, log: Path, resync_seconds: float, namespaces: list[str]
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -178,6 +180,9 @@ class Operator:
                 "bench",
                 "--metrics-port",
                 str(self.port),
+                "--resync-seconds",
+                str(resync_seconds),
+                *(f"--namespace={namespace}" for namespace in namespaces),
             ],
             env={**os.environ, "KUBECONFIG": str(kubeconfig)},
             stdout=self.log,
@@ -202,11 +207,15 @@ class Operator:
         found = re.findall(r"^lmforge_api_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
         return sum(float(v) for v in found)
 
-    def peak_rss_bytes(self) -> int:
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """Resident memory now (VmRSS) or at its peak so far (VmHWM)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
         return 0
+
+    def peak_rss_bytes(self) -> int:
+        return self.rss_bytes("VmHWM")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the operator used so far (all its threads)."""
@@ -245,6 +254,32 @@ def cpu_since(before: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.5}
 
 
+def restart(kube: Kube, kubeconfig: Path, log: Path, resync_seconds: float) -> dict[str, Any]:
+    """A fresh operator watching the whole cluster (the chart's default) among every object
+    the earlier phases left (the floor's, the burst's, the steady phase's): how long until
+    it acts on one new job."""
+    namespace = f"bench-restart-{os.getpid()}"
+    create_namespace(kube, namespace)
+    seen = JobWatch(namespace)
+    seen.start()
+    seen.ready.wait(30)
+    started = time.monotonic()
+    operator = Operator(kubeconfig, log, resync_seconds, [])
+    try:
+        ready = time.monotonic() - started
+        create_jobs(kube, namespace, ["job-0000"])
+        last = seen.wait_for(1, timeout=1800)
+        cpu = operator.cpu_seconds()
+    finally:
+        seen.stop.set()
+        operator.stop()
+    return {
+        "ready_seconds": ready,
+        "first_job_seconds": last - started,
+        "operator_cpu_seconds": cpu,
+    }
+
+
 def phases(kube: Kube, namespace: str) -> dict[str, int]:
     items = kube.request("GET", collection_path("FinetuneJob", namespace)).get("items", [])
     counts: dict[str, int] = {}
@@ -254,9 +289,11 @@ def phases(kube: Kube, namespace: str) -> dict[str, int]:
     return counts
 
 
+BURST_NAMESPACE, STEADY_NAMESPACE = f"bench-burst-{os.getpid()}", f"bench-steady-{os.getpid()}"
+
+
 def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
-    namespace = f"bench-burst-{os.getpid()}"
-    create_namespace(kube, namespace)
+    namespace = BURST_NAMESPACE
     seen = JobWatch(namespace)
     seen.start()
     seen.ready.wait(30)
@@ -280,8 +317,7 @@ def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
 def steady(
     kube: Kube, operator: Operator, rate: float, seconds: float, settle: float
 ) -> dict[str, Any]:
-    namespace = f"bench-steady-{os.getpid()}"
-    create_namespace(kube, namespace)
+    namespace = STEADY_NAMESPACE
     seen = JobWatch(namespace)
     seen.start()
     seen.ready.wait(30)
@@ -350,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--settle-seconds", type=float, default=60, help="wait for steady jobs to finish"
     )
+    parser.add_argument(
+        "--resync-seconds", type=float, default=10, help="the operator's (its default: 10)"
+    )
     parser.add_argument("--kubeconfig", type=Path, help="use this cluster (default: start one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -389,16 +428,23 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
     floor_result = floor(kube, args.jobs)
     log = ROOT / ".lmforge" / "bench-operator.log"
     log.parent.mkdir(exist_ok=True)
-    operator = Operator(kubeconfig, log)
+    for namespace in (BURST_NAMESPACE, STEADY_NAMESPACE):
+        create_namespace(kube, namespace)
+    # The operator watches the namespaces of its jobs, not the floor's: the floor's Jobs, pods
+    # and ConfigMaps carry the same labels, and would be thousands more objects to index.
+    operator = Operator(kubeconfig, log, args.resync_seconds, [BURST_NAMESPACE, STEADY_NAMESPACE])
+    rss_at_start = operator.rss_bytes()
     try:
         print(f"burst: {args.jobs} FinetuneJobs at once ...", flush=True)
         burst_result = burst(kube, operator, args.jobs)
         print(f"  {json.dumps(burst_result)}; floor {floor_result['seconds']:.1f}s", flush=True)
         print(f"steady: {args.rate:g} jobs/s for {args.steady_seconds:g}s ...", flush=True)
         steady_result = steady(kube, operator, args.rate, args.steady_seconds, args.settle_seconds)
-        peak_rss = operator.peak_rss_bytes()
+        peak_rss, rss_at_end = operator.peak_rss_bytes(), operator.rss_bytes()
     finally:
         operator.stop()
+    print("restart: a fresh operator among all those objects, one new job ...", flush=True)
+    restart_result = restart(kube, kubeconfig, log, args.resync_seconds)
 
     ratio = burst_result["seconds"] / floor_result["seconds"]
     report = {
@@ -411,7 +457,10 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
         "burst": burst_result,
         "burst_ratio_to_floor": ratio,
         "steady": steady_result,
+        "restart": restart_result,
         "operator_peak_rss_bytes": peak_rss,
+        "operator_rss_at_start_bytes": rss_at_start,  # ready, no jobs yet
+        "operator_rss_at_end_bytes": rss_at_end,  # every job of all phases still there
         "goals": {"burst_ratio_to_floor": 1.5, "operator_peak_rss_bytes": 200 * 2**20},
     }
     rows = [
@@ -427,7 +476,16 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
             f"steady: API requests per job (+{args.settle_seconds:g} s settle)",
             f"{steady_result['requests_per_job_lifecycle']:.1f}",
         ),
+        (
+            "restart among them: start -> new job's Job (s)",
+            f"{restart_result['first_job_seconds']:.1f}",
+        ),
+        ("  operator CPU by then (s)", f"{restart_result['operator_cpu_seconds']:.1f}"),
         ("operator peak RSS (MiB, goal <= 200)", f"{peak_rss / 2**20:.0f}"),
+        (
+            "  at start, no jobs / at the end (MiB)",
+            f"{rss_at_start / 2**20:.0f} / {rss_at_end / 2**20:.0f}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\noperator_scale: {args.jobs} jobs")
@@ -445,6 +503,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         f"--rate {args.rate:g}",
         f"--steady-seconds {args.steady_seconds:g}",
         f"--settle-seconds {args.settle_seconds:g}",
+        f"--resync-seconds {args.resync_seconds:g}",
     ]
     return out
 

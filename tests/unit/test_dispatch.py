@@ -81,3 +81,43 @@ def test_a_failed_reconcile_leaves_the_object_free_for_the_next_event() -> None:
         dispatch.reconcile("FinetuneJob", "ml", "a")
     dispatch.reconcile("FinetuneJob", "ml", "a")
     assert len(fake.runs) == 2
+
+
+def test_index_waiters_wake_only_when_the_set_flips() -> None:
+    """kopf's readiness set of per-object toggles: waiters still resume exactly when the
+    last toggle goes, but dropping the others wakes nobody (was: every waiter, every drop)."""
+    import asyncio
+
+    from kopf._cogs.aiokits import aiotoggles
+    from lmforge.operator.main import wake_index_waiters_only_on_change
+
+    wake_index_waiters_only_on_change()
+    checks = 0
+
+    def counted_all(states: Any) -> bool:
+        nonlocal checks
+        checks += 1
+        return all(states)
+
+    async def scenario() -> None:
+        indexed = aiotoggles.ToggleSet(counted_all)
+        objects = [await indexed.make_toggle(name=f"object-{i}") for i in range(200)]
+        waiters = [asyncio.create_task(indexed.wait_for(True)) for _ in range(200)]
+        await asyncio.sleep(0.01)
+        before = checks
+        for toggle in objects[:-1]:
+            await indexed.drop_toggle(toggle)
+            await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        assert checks - before <= 2 * 199 + 10  # two checks per drop, no waiter re-checking
+        await indexed.drop_toggle(objects[-1])
+        await asyncio.wait_for(asyncio.gather(*waiters), timeout=5)
+        # a member turning on or off still wakes the waiters (kopf's own Toggle.turn_to)
+        resource = await indexed.make_toggle(name="resource")
+        waiting = asyncio.create_task(indexed.wait_for(True))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await resource.turn_to(True)
+        await asyncio.wait_for(waiting, timeout=5)
+
+    asyncio.run(scenario())
