@@ -8,6 +8,7 @@ in a pod, to the service's report ConfigMap (the operator reads it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -153,10 +154,8 @@ class KubeReporter:
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
     """Signal every process of a process group (the engine runs in a session of its own)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):  # none left
         os.killpg(group, sig)
-    except ProcessLookupError:
-        pass  # none left
 
 
 class Supervisor:
@@ -205,10 +204,8 @@ class Supervisor:
             return
         if self.engine.poll() is None:
             _signal_group(self.engine.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.engine.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         _signal_group(self.engine.pid, signal.SIGKILL)
         self.engine.wait()
 
