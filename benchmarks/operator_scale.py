@@ -219,8 +219,7 @@ class Operator:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the operator used so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(Path(f"/proc/{self.proc.pid}/stat").read_text())[1]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -232,19 +231,23 @@ class Operator:
         self.log.close()
 
 
+def process_cpu(stat: str) -> tuple[str, float]:
+    """(program name, user + system CPU seconds) from a /proc/<pid>/stat line."""
+    fields = stat.rsplit(")", 1)[1].split()
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_by_program() -> dict[str, float]:
     """CPU seconds used so far by every running program, summed by name (kube-apiserver,
     etcd, kwok, python, ...): where a phase's CPU went, by difference."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            text = stat.read_text()
+            name, seconds = process_cpu(stat.read_text())
         except OSError:
             continue  # exited meanwhile
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + seconds
     return out
 
 

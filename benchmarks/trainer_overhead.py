@@ -84,7 +84,6 @@ class Measure:
     def __init__(self, warmup: int, barrier: Path | None = None, name: str = "") -> None:
         self.warmup, self.barrier, self.name = warmup, barrier, name
         self.step_ends: list[float] = []
-        self.step_cpu_ends: list[float] = []  # the training thread's CPU time
         self.real_tokens = 0
         self.all_tokens = 0
         self.batches = 0
@@ -100,7 +99,6 @@ class Measure:
                 if len(measure.step_ends) == measure.warmup:
                     measure.wait_for_the_others()
                 measure.step_ends.append(time.perf_counter())
-                measure.step_cpu_ends.append(time.thread_time())
 
         def counting(collate: Any) -> Any:
             def collate_counted(features: Any) -> Any:
@@ -134,12 +132,10 @@ class Measure:
 
     def result(self) -> dict[str, Any]:
         gaps = [b - a for a, b in itertools.pairwise(self.step_ends[self.warmup :])]
-        cpu = [b - a for a, b in itertools.pairwise(self.step_cpu_ends[self.warmup :])]
         return {
             "steps_timed": len(gaps),
             "step_seconds_median": statistics.median(gaps),
             "step_seconds_mean": statistics.fmean(gaps),
-            "step_cpu_seconds_median": statistics.median(cpu),
             "packing_efficiency": self.real_tokens / max(self.all_tokens, 1),
             "batches": self.batches,
             "real_tokens_per_batch": self.real_tokens / max(self.batches, 1),
