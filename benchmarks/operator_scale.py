@@ -257,6 +257,24 @@ def cpu_since(before: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.5}
 
 
+CONTROL_PLANE = ("kube-apiserver", "kube-controller", "kube-scheduler", "etcd", "kwok")
+
+
+def settle(idle_cores: float = 0.3, window: float = 5.0, timeout: float = 240) -> float:
+    """Wait until the control plane is about idle (under `idle_cores` over `window` s): the
+    work a phase set off after its clock stopped (pods of its Jobs created, scheduled,
+    completed) must not be charged to the next phase. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = cpu_by_program()
+        time.sleep(window)
+        after = cpu_by_program()
+        used = sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(CONTROL_PLANE))
+        if used < idle_cores * window:
+            break
+    return time.monotonic() - started
+
+
 def restart(kube: Kube, kubeconfig: Path, log: Path, resync_seconds: float) -> dict[str, Any]:
     """A fresh operator watching the whole cluster (the chart's default) among every object
     the earlier phases left (the floor's, the burst's, the steady phase's): how long until
@@ -361,7 +379,6 @@ def steady(
 
 
 def machine() -> dict[str, Any]:
-    import kopf
     import kubernetes
 
     memory = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
@@ -374,7 +391,6 @@ def machine() -> dict[str, Any]:
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "versions": {
-            "kopf": kopf.__version__ if hasattr(kopf, "__version__") else "?",
             "kubernetes-client": kubernetes.__version__,
             "control-plane": binaries[-1] if binaries else "?",
         },
@@ -429,6 +445,7 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
 
     print(f"floor: a bare client applies the children of {args.jobs} jobs ...", flush=True)
     floor_result = floor(kube, args.jobs)
+    floor_result["settle_seconds_after"] = settle()
     log = ROOT / ".lmforge" / "bench-operator.log"
     log.parent.mkdir(exist_ok=True)
     for namespace in (BURST_NAMESPACE, STEADY_NAMESPACE):

@@ -47,11 +47,10 @@ def cache_with(
     empty: dict[Any, list[dict[str, Any]]] = {}
     cache.attach(
         {
-            jobs_index("FinetuneJob"): indexes.get("jobs", empty),
-            WORKLOADS_INDEX: indexes.get("workloads", empty),
-            PODS_INDEX: indexes.get("pods", empty),
-            REPORTS_INDEX: indexes.get("reports", empty),
-            "unrelated": object(),
+            jobs_index("FinetuneJob"): [indexes.get("jobs", empty)],
+            WORKLOADS_INDEX: [indexes.get("workloads", empty)],
+            PODS_INDEX: [indexes.get("pods", empty)],
+            REPORTS_INDEX: [indexes.get("reports", empty)],
         }
     )
     return cache

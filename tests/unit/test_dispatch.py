@@ -11,6 +11,9 @@ import pytest
 from lmforge.operator.main import Dispatch
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.settings import OperatorSettings
+from lmforge.operator.watches import WorkQueue, work
+
+KEY_A, KEY_B = ("FinetuneJob", "ml", "a"), ("FinetuneJob", "ml", "b")
 
 
 class SlowReconciler:
@@ -83,41 +86,25 @@ def test_a_failed_reconcile_leaves_the_object_free_for_the_next_event() -> None:
     assert len(fake.runs) == 2
 
 
-def test_index_waiters_wake_only_when_the_set_flips() -> None:
-    """kopf's readiness set of per-object toggles: waiters still resume exactly when the
-    last toggle goes, but dropping the others wakes nobody (was: every waiter, every drop)."""
-    import asyncio
+def test_the_work_queue_keeps_each_waiting_key_once_oldest_first() -> None:
+    queue = WorkQueue()
+    for key in [KEY_A, KEY_B, KEY_A, KEY_A, KEY_B]:
+        queue.add(key)
+    assert len(queue) == 2
+    assert [queue.take(0), queue.take(0), queue.take(0)] == [KEY_A, KEY_B, None]
+    queue.add(KEY_A)  # taken keys may come again
+    assert queue.take(0) == KEY_A
 
-    from kopf._cogs.aiokits import aiotoggles
-    from lmforge.operator.main import wake_index_waiters_only_on_change
 
-    wake_index_waiters_only_on_change()
-    checks = 0
-
-    def counted_all(states: Any) -> bool:
-        nonlocal checks
-        checks += 1
-        return all(states)
-
-    async def scenario() -> None:
-        indexed = aiotoggles.ToggleSet(counted_all)
-        objects = [await indexed.make_toggle(name=f"object-{i}") for i in range(200)]
-        waiters = [asyncio.create_task(indexed.wait_for(True)) for _ in range(200)]
-        await asyncio.sleep(0.01)
-        before = checks
-        for toggle in objects[:-1]:
-            await indexed.drop_toggle(toggle)
-            await asyncio.sleep(0)
-        assert not any(w.done() for w in waiters)
-        assert checks - before <= 2 * 199 + 10  # two checks per drop, no waiter re-checking
-        await indexed.drop_toggle(objects[-1])
-        await asyncio.wait_for(asyncio.gather(*waiters), timeout=5)
-        # a member turning on or off still wakes the waiters (kopf's own Toggle.turn_to)
-        resource = await indexed.make_toggle(name="resource")
-        waiting = asyncio.create_task(indexed.wait_for(True))
-        await asyncio.sleep(0.01)
-        assert not waiting.done()
-        await resource.turn_to(True)
-        await asyncio.wait_for(waiting, timeout=5)
-
-    asyncio.run(scenario())
+def test_a_waiting_worker_wakes_for_a_new_key() -> None:
+    queue, got = WorkQueue(), []
+    stop = threading.Event()
+    worker = threading.Thread(target=work, args=(queue, got.append, stop))
+    worker.start()
+    queue.add(KEY_A)
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    worker.join(5)
+    assert got == [KEY_A] and not worker.is_alive()

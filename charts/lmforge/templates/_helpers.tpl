@@ -51,7 +51,7 @@ app.kubernetes.io/component: operator
 The operator's rights in the namespaces it watches, enumerated from what it does
 (operator/lmforge/operator/kube.py, training/reconcile.py, training/render.py;
 tests/unit/test_chart.py and tests/integration/test_chart.py check them):
-- its kinds: watched by kopf (get/list/watch; fromJob references read), patched only
+- its kinds: watched (get/list/watch; fromJob references read), patched only
   to drop the finalizer earlier versions' per-object kopf timers added, status written with a merge patch (status:
   patch), owner references with blockOwnerDeletion (finalizers: update, for
   OwnerReferencesPermissionEnforcement);

@@ -1,8 +1,8 @@
 """What the operator reads: its watches' view of the cluster plus what it wrote itself since.
 
 Reconciles read training jobs, their batch/v1 Jobs, pods and report ConfigMaps from
-kopf indexes (filled by the watches; kopf runs no handler before every index holds
-the initial listing, so a fresh operator never sees a half-filled cache) instead of
+the operator's watches (`watches.Watch`; no reconcile runs before every watch holds
+its first listing, so a fresh operator never sees a half-filled cache) instead of
 asking the API server on every event. Two things keep such reads safe:
 
 - Read after write: a watch event of our own write may arrive after the next
@@ -15,9 +15,10 @@ asking the API server on every event. Two things keep such reads safe:
   is not sent again, for at most `reapply_seconds` (out-of-band changes are repaired
   then) and never when the watch saw it deleted or no longer shows it.
 
-Values in the indexes are slimmed copies (no managedFields, no pod specs) to keep
-memory flat with thousands of jobs. Index functions run on kopf's event loop; readers
-run in handler threads, so reads copy under the GIL and writes go through one lock.
+The watches keep slimmed copies (no managedFields, no pod specs, no Job pod templates)
+to keep memory flat with thousands of jobs; they change in their own threads, readers
+run in worker threads: every read copies under the watch's lock, and our own writes go
+through one lock here.
 """
 
 from __future__ import annotations
@@ -26,31 +27,39 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from lmforge.operator.ownership import LABEL_ATTEMPT, LABEL_KIND, LABEL_NAME
 
 Key = tuple[str, str, str]  # (kind, namespace, name) of a training job
 ObjectKey = tuple[str, str, str]  # (kind, namespace, name) of any object
 
-# kopf index ids: the kwargs under which kopf hands the indexes to handlers.
-INDEX_PREFIX = "lmforge_index_"
-WORKLOADS_INDEX = INDEX_PREFIX + "workloads"
-PODS_INDEX = INDEX_PREFIX + "pods"
-REPORTS_INDEX = INDEX_PREFIX + "reports"
+# What the reconciler reads, each from one watch per namespace (or one for all of them).
+WORKLOADS_INDEX = "workloads"  # batch/v1 Jobs, by the job they belong to
+PODS_INDEX = "pods"
+REPORTS_INDEX = "reports"  # the trainers' report ConfigMaps
 
 
 def jobs_index(kind: str) -> str:
-    """The index of one training kind's objects (one kopf index per resource)."""
-    return INDEX_PREFIX + kind.lower()
+    """The objects of one kind of ours (FinetuneJob, ...), each under its own key."""
+    return kind
+
+
+class Source(Protocol):
+    """Objects grouped by key: a `watches.Watch` (a dict in tests)."""
+
+    def get(self, key: Key) -> list[dict[str, Any]] | None: ...
+
+    def __iter__(self) -> Iterator[Key]: ...
 
 
 REPORT_SUFFIX = "-report"  # render.report_name
 
 
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of an object without what no decision reads: managedFields, pod specs."""
+    """A copy of an object without what no decision reads: managedFields, pod specs, the pod
+    templates of Jobs and Deployments."""
     out = {k: v for k, v in body.items() if k != "metadata"}
     meta = dict(body.get("metadata") or {})
     meta.pop("managedFields", None)
@@ -58,6 +67,8 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     out["metadata"] = meta
     if body.get("kind") == "Pod":
         out.pop("spec", None)
+    elif body.get("kind") in ("Job", "Deployment") and isinstance(body.get("spec"), dict):
+        out["spec"] = {k: v for k, v in body["spec"].items() if k not in ("template", "selector")}
     return out
 
 
@@ -92,25 +103,24 @@ def owner_key(obj: Mapping[str, Any]) -> Key | None:
 
 
 class ClusterCache:
-    """The operator's reads. `attach` hands it kopf's indexes (from any handler's kwargs)."""
+    """The operator's reads, from the sources `attach` names."""
 
     def __init__(
         self, reapply_seconds: float = 600, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.reapply_seconds, self.clock = reapply_seconds, clock
-        self._indexes: dict[str, Mapping[Any, Any]] = {}
+        self._sources: dict[str, Sequence[Source]] = {}
         self._lock = threading.Lock()
         self._written: dict[ObjectKey, dict[str, Any]] = {}  # our writes the watch may lag
         self._deleted: dict[ObjectKey, float] = {}  # deleted by us, until the watch agrees
         self._applied: dict[ObjectKey, tuple[str, float]] = {}  # digest, when
 
-    # --- filled from kopf -------------------------------------------------------------
-    def attach(self, kwargs: Mapping[str, Any]) -> None:
-        """Take kopf's index objects from a handler's kwargs (they never change)."""
-        if not self._indexes:
-            found = {k: v for k, v in kwargs.items() if k.startswith(INDEX_PREFIX)}
-            with self._lock:
-                self._indexes = found
+    # --- filled from the watches ------------------------------------------------------
+    def attach(self, sources: Mapping[str, Sequence[Source]]) -> None:
+        """Where each index is read: WORKLOADS_INDEX, PODS_INDEX, REPORTS_INDEX and
+        jobs_index(kind), each from one or more sources (one per watched namespace)."""
+        with self._lock:
+            self._sources = dict(sources)
 
     def saw_deleted(self, obj: Mapping[str, Any]) -> None:
         """The watch reports `obj` gone: drop our copies, re-apply it next time."""
@@ -164,9 +174,8 @@ class ClusterCache:
 
     # --- reads ------------------------------------------------------------------------
     def known(self, indexes: list[str]) -> list[Key]:
-        """The keys of these indexes (of the jobs, by kind); none before kopf attached them.
-        Call on kopf's event loop, which is where the indexes change."""
-        return [key for index in indexes for key in self._indexes.get(index, {})]
+        """The keys of these indexes (of the jobs, by kind)."""
+        return [key for index in indexes for src in self._sources.get(index, ()) for key in src]
 
     def job(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         key = (kind, namespace, name)
@@ -190,17 +199,10 @@ class ClusterCache:
         return self._merge_one(("ConfigMap", namespace, f"{name}{REPORT_SUFFIX}"), seen)
 
     def _values(self, index: str, key: Key) -> list[dict[str, Any]]:
-        found = self._indexes.get(index)
-        if found is None:
-            raise RuntimeError(f"kopf index {index} not attached yet")
-        for _ in range(5):  # the event loop may change a store while we copy it
-            try:
-                store = found.get(key)
-                return list(store) if store is not None else []
-            except RuntimeError:
-                continue
-        store = found.get(key)
-        return list(store) if store is not None else []
+        sources = self._sources.get(index)
+        if sources is None:
+            raise RuntimeError(f"nothing attached for {index}")
+        return [value for source in sources for value in source.get(key) or ()]
 
     def _merge_one(self, key: ObjectKey, seen: dict[str, Any] | None) -> dict[str, Any] | None:
         with self._lock:

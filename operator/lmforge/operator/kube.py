@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,9 +41,18 @@ _PATHS = {
 _PATHS |= {kind: (f"/apis/{GROUP}/{VERSION}", cls.plural) for kind, cls in KINDS.items()}
 
 
-def collection_path(kind: str, namespace: str) -> str:
+def collection_path(kind: str, namespace: str | None) -> str:
+    """The collection of a kind in one namespace, or in all of them (namespace None)."""
     prefix, resource = _PATHS[kind]
+    if namespace is None:
+        return f"{prefix}/{resource}"
     return f"{prefix}/namespaces/{namespace}/{resource}"
+
+
+def api_version(kind: str) -> str:
+    """apiVersion of a kind, e.g. batch/v1 ("v1" for the core group)."""
+    prefix = _PATHS[kind][0]
+    return prefix.removeprefix("/apis/").removeprefix("/api/")
 
 
 def object_path(kind: str, namespace: str, name: str) -> str:
@@ -91,6 +100,39 @@ class Kube:
         if response.status >= 400:
             raise ApiException(status=response.status, reason=response.reason, http_resp=response)
         return dict(json.loads(data)) if data else {}
+
+    def stream(
+        self, path: str, query: list[tuple[str, str]], read_timeout: float
+    ) -> Iterator[dict[str, Any]]:
+        """A watch: the JSON objects of a streamed response, one per line, as they come.
+        Raises ApiException for error statuses, urllib3's errors when the connection
+        breaks or stays silent for `read_timeout` seconds."""
+        if self.on_request is not None:
+            self.on_request("WATCH")
+        prepared = self.api.param_serialize(
+            method="GET",
+            resource_path=path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*prepared[:4], _request_timeout=(10, read_timeout))
+        raw = response.response  # urllib3's, not read yet
+        try:
+            if response.status >= 400:
+                response.read()  # type: ignore[no-untyped-call]
+                raise ApiException(
+                    status=response.status, reason=response.reason, http_resp=response
+                )
+            pending = b""
+            for chunk in raw.stream(amt=None, decode_content=False):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            raw.release_conn()
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -1,26 +1,26 @@
-"""`lmforge operator`: kopf handlers wired to the reconciler, behind leader election.
+"""`lmforge operator`: watches wired to the reconcilers, behind leader election.
 
-The handlers are thin: every event (on a job, on its batch/v1 Jobs, on its pods)
-and a periodic resync call the same idempotent `Reconciler.reconcile`, which reads
-from kopf indexes of those objects (see `cache`) rather than the API server. kopf is
-used for watching only: no kopf annotations, finalizers or status fields are written
-(`on.event` handlers keep no progress state, and the resync is one loop of ours rather
-than a kopf timer per object, which would put a finalizer on every job), so the CRDs'
+The wiring is thin: every change to a job, its batch/v1 Jobs, pods, report ConfigMaps
+or Deployments puts the job's key on a work queue (`watches`), and worker threads and
+a periodic resync call the same idempotent `reconcile`, which reads from the watches'
+view of the cluster (see `cache`) rather than the API server. Nothing is written to the
+objects but our own fields (no annotations or finalizers of a framework), so the CRDs'
 schemas stay ours and deleting a job never waits for the operator.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-import kopf
 from kubernetes import config as kube_config
 from lmforge.operator.cache import (
     PODS_INDEX,
@@ -28,9 +28,10 @@ from lmforge.operator.cache import (
     REPORTS_INDEX,
     WORKLOADS_INDEX,
     ClusterCache,
+    Key,
+    Source,
     jobs_index,
     owner_key,
-    slim,
 )
 from lmforge.operator.kube import Kube
 from lmforge.operator.leader import LeaderElection
@@ -39,9 +40,9 @@ from lmforge.operator.ownership import LABEL_KIND, LABEL_NAME
 from lmforge.operator.serving.reconcile import ServingReconciler
 from lmforge.operator.settings import OperatorSettings
 from lmforge.operator.training.reconcile import Reconciler
+from lmforge.operator.watches import Watch, WorkQueue, wait_synced, work
 
-from lmforge.api.base import GROUP, VERSION
-from lmforge.api.kinds import KINDS, TRAINING_KINDS
+from lmforge.api.kinds import TRAINING_KINDS
 
 log = logging.getLogger("lmforge.operator")
 
@@ -59,7 +60,7 @@ class Dispatch:
     def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics) -> None:
         instances: dict[type[Any], Any] = {}
         self.by_kind: dict[str, Reconciler | ServingReconciler] = {}
-        self.cache = ClusterCache()  # the training reconciler's reads (kopf indexes)
+        self.cache = ClusterCache()  # the training reconciler's reads (the watches)
         self.metrics = metrics
         self._guard = threading.Lock()
         self._running: set[tuple[str, str, str]] = set()
@@ -107,7 +108,7 @@ class Dispatch:
 
     def stale(self, seconds: float) -> list[tuple[str, str, str]]:
         """The objects (of every managed kind the watches know) not reconciled for
-        `seconds`: what a resync reconciles. Call on kopf's event loop (index reads)."""
+        `seconds`: what a resync reconciles."""
         known = self.cache.known([jobs_index(kind) for kind in MANAGED_KINDS])
         now = time.monotonic()
         with self._guard:
@@ -121,184 +122,158 @@ class Dispatch:
         self.by_kind[kind].note_disruption(kind, namespace, name, pod)
 
 
-def register(reconciler: Dispatch, resync_seconds: float) -> kopf.OperatorRegistry:
-    """A kopf registry whose handlers all funnel into `reconciler`."""
-    registry = kopf.OperatorRegistry()
-    kopf.on.login(registry=registry)(kopf.login_via_client)
-    cache = reconciler.cache
-    register_indexes(registry)
+WORKERS = 8  # reconciles at once (they wait on the API server more than they compute)
+SELECTOR = f"{LABEL_KIND},{LABEL_NAME}"  # children of our jobs: both labels present
 
-    def reconcile_quietly(kind: str, namespace: str, name: str) -> None:
+
+class Operator:
+    """The watches of every namespace watched (or of all), the work queue and its workers,
+    and the resync. `run` blocks until `stop` is set."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        dispatch: Dispatch,
+        namespaces: list[str] | None,
+        resync_seconds: float,
+        stop: threading.Event,
+    ) -> None:
+        self.kube, self.dispatch, self.resync_seconds = kube, dispatch, resync_seconds
+        self.queue = WorkQueue()
+        self.stop = stop
+        self.started = threading.Event()  # every watch listed, workers running
+        where: list[str | None] = list(namespaces) if namespaces else [None]
+        # ours first: the children's first events read the jobs (a disruption's record)
+        self.jobs = [
+            Watch(kube, kind, ns, group=_own_key(kind), on_event=self._on_job_event(kind))
+            for ns in where
+            for kind in MANAGED_KINDS
+        ]
+        children: dict[str, list[Watch]] = {}
+        for kind, group in (
+            ("Job", owner_key),
+            ("Pod", owner_key),
+            ("ConfigMap", _report_owner),  # the reports only; not the run configs
+            ("Deployment", owner_key),  # serving: replicas becoming ready
+        ):
+            children[kind] = [
+                Watch(kube, kind, ns, group=group, on_event=self._on_child_event, selector=SELECTOR)
+                for ns in where
+            ]
+        self.children = [w for watches in children.values() for w in watches]
+        sources: dict[str, list[Source]] = {
+            WORKLOADS_INDEX: list(children["Job"]),
+            PODS_INDEX: list(children["Pod"]),
+            REPORTS_INDEX: list(children["ConfigMap"]),
+        }
+        for kind in MANAGED_KINDS:
+            sources[jobs_index(kind)] = [w for w in self.jobs if w.kind == kind]
+        dispatch.cache.attach(sources)
+
+    def run(self) -> None:
+        for watch in self.jobs:
+            watch.start(self.stop)
+        if not wait_synced(self.jobs, self.stop):
+            return
+        for watch in self.children:
+            watch.start(self.stop)
+        if not wait_synced(self.children, self.stop):
+            return
+        # Every listed object's event queued its job: all are reconciled once now.
+        for i in range(WORKERS):
+            threading.Thread(
+                target=work, args=(self.queue, self._reconcile, self.stop), name=f"worker-{i}"
+            ).start()
+        threading.Thread(target=self._resync_forever, name="resync", daemon=True).start()
+        self.started.set()
+        self.stop.wait()
+
+    def _reconcile(self, key: Key) -> None:
         try:
-            reconciler.reconcile(kind, namespace, name)
+            self.dispatch.reconcile(*key)
         except Exception:
-            log.exception("reconcile of %s %s/%s failed; will retry", kind, namespace, name)
+            log.exception("reconcile of %s %s/%s failed; will retry", *key)
 
-    # kopf runs handlers only once every index holds its initial listing; the resync waits
-    # for the first handler too, so that it never reconciles from a half-filled cache.
-    handling = threading.Event()
+    def _resync_forever(self) -> None:
+        """Every object not reconciled for resync_seconds (deadlines, waits on other jobs,
+        anything no event announces), one at a time, beside the workers."""
+        while not self.stop.wait(min(1.0, self.resync_seconds / 4)):
+            for key in self.dispatch.stale(self.resync_seconds):
+                if self.stop.is_set():
+                    return
+                self._reconcile(key)
 
-    def on_job_event(kind: str) -> Any:
-        def on_event(**kw: Any) -> None:
-            cache.attach(kw)
-            handling.set()
-            if kw["type"] == "DELETED":
-                reconciler.forget(kind, kw["namespace"], kw["name"])
+    def _on_job_event(self, kind: str) -> Callable[[str, dict[str, Any]], None]:
+        def on_event(type_: str, obj: dict[str, Any]) -> None:
+            meta = obj["metadata"]
+            if type_ == "DELETED":
+                self.dispatch.forget(kind, meta["namespace"], meta["name"])
             else:
-                reconcile_quietly(kind, kw["namespace"], kw["name"])
+                self.queue.add((kind, meta["namespace"], meta["name"]))
 
         return on_event
 
-    for kind in MANAGED_KINDS:
-        kopf.on.event(GROUP, VERSION, KINDS[kind].plural, registry=registry)(on_job_event(kind))
-
-    # The resync: every object not reconciled for resync_seconds (deadlines, waits on other
-    # jobs, anything no event announces), one at a time, in one loop for all objects.
-    resyncing: set[asyncio.Task[None]] = set()
-
-    async def resync_forever() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(1.0, resync_seconds / 4))
-            if not handling.is_set():
-                continue
-            for key in reconciler.stale(resync_seconds):
-                await loop.run_in_executor(None, reconcile_quietly, *key)
-
-    async def start_resync(**kw: Any) -> None:
-        cache.attach(kw)
-        task = asyncio.create_task(resync_forever())
-        resyncing.add(task)  # a reference, so the task is not collected
-        task.add_done_callback(resyncing.discard)
-
-    kopf.on.startup(registry=registry)(start_resync)
-
-    def on_child_event(**kw: Any) -> None:
-        cache.attach(kw)
-        handling.set()
-        labels = kw["labels"]
-        kind, name = labels.get(LABEL_KIND), labels.get(LABEL_NAME)
-        if kw["type"] == "DELETED":
-            cache.saw_deleted(kw["body"])  # applied again by the reconcile below
-        elif kw["body"].get("kind") == "ConfigMap" and kw["name"] != f"{name}{REPORT_SUFFIX}":
-            return  # our own run config changing says nothing new about the job
-        if kind in MANAGED_KINDS and name:
-            if kw["body"].get("kind") == "Pod":
-                try:
-                    reconciler.note_disruption(kind, kw["namespace"], name, dict(kw["body"]))
-                except Exception:
-                    log.exception("could not record a disruption on %s/%s", kw["namespace"], name)
-            reconcile_quietly(kind, kw["namespace"], name)
-
-    selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
-    kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)(on_child_event)
-    kopf.on.event("", "v1", "pods", labels=selector, registry=registry)(on_child_event)
-    # Serving: Deployment readiness.
-    kopf.on.event("apps", "v1", "deployments", labels=selector, registry=registry)(on_child_event)
-    # the report ConfigMaps: progress and checkpoints of trainers, adapter state of replicas
-    kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)(on_child_event)
-    return registry
+    def _on_child_event(self, type_: str, obj: dict[str, Any]) -> None:
+        owner = owner_key(obj)
+        if type_ == "DELETED":
+            self.dispatch.cache.saw_deleted(obj)  # applied again by the reconcile it queues
+        if owner is None or owner[0] not in MANAGED_KINDS:
+            return
+        if obj.get("kind") == "Pod" and _disrupted(obj):
+            try:
+                self.dispatch.note_disruption(*owner, obj)
+            except Exception:
+                log.exception("could not record a disruption on %s/%s", *owner[1:])
+        self.queue.add(owner)
 
 
-def register_indexes(registry: kopf.OperatorRegistry) -> None:
-    """kopf indexes of the training jobs and their Jobs, pods and report ConfigMaps, keyed
-    by (kind, namespace, job name): the reconciler's reads. kopf starts no handler before
-    all of them hold the initial listing."""
-    selector = {LABEL_KIND: kopf.PRESENT, LABEL_NAME: kopf.PRESENT}
+def _own_key(kind: str) -> Callable[[dict[str, Any]], Key]:
+    def key(obj: dict[str, Any]) -> Key:
+        return (kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
 
-    def training_index(kind: str) -> Any:
-        async def index(body: kopf.Body, namespace: str, name: str, **_: Any) -> Any:
-            return {(kind, namespace, name): slim(body)}
+    return key
 
-        return index
 
-    for kind in MANAGED_KINDS:
-        kopf.index(GROUP, VERSION, KINDS[kind].plural, id=jobs_index(kind), registry=registry)(
-            training_index(kind)
-        )
+def _report_owner(obj: dict[str, Any]) -> Key | None:
+    """A report ConfigMap's job; None for other labelled ConfigMaps (our own run configs:
+    their changes say nothing new about the job)."""
+    key = owner_key(obj)
+    return key if key and obj["metadata"].get("name") == key[2] + REPORT_SUFFIX else None
 
-    async def by_owner(body: kopf.Body, **_: Any) -> Any:
-        return {owner_key(body): slim(body)}
 
-    async def reports(body: kopf.Body, name: str, **_: Any) -> Any:
-        key = owner_key(body)
-        return {key: slim(body)} if key and name == key[2] + REPORT_SUFFIX else {}
-
-    kopf.index("batch", "v1", "jobs", labels=selector, id=WORKLOADS_INDEX, registry=registry)(
-        by_owner
-    )
-    kopf.index("", "v1", "pods", labels=selector, id=PODS_INDEX, registry=registry)(by_owner)
-    kopf.index("", "v1", "configmaps", labels=selector, id=REPORTS_INDEX, registry=registry)(
-        reports
+def _disrupted(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
     )
 
 
-class NoDiffBase(kopf.DiffBaseStorage):
-    """kopf compares every event's object with the last handled one, for change handlers
-    (on.create/on.update/...). The operator has none (on.event only), so it skips the
-    deep copies of every job, Job and pod that comparison costs on every event."""
+class JsonLines(logging.Formatter):
+    """One JSON object per log line (--log-format json)."""
 
-    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        return kopf.BodyEssence()
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        return None
-
-    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        return None
-
-
-def wake_index_waiters_only_on_change() -> None:
-    """kopf holds every object's handlers until all indexes are filled: one toggle per
-    object in a set, and every change to the set wakes every object waiting on it. An
-    operator (re)starting among N labelled objects (Jobs, pods, ConfigMaps of earlier jobs)
-    then makes N^2 wake-ups: with 1,000 jobs' objects it spent minutes of CPU there before
-    acting on a new job. Waiters only wait for the set's overall state to flip, so waking
-    them on a flip alone changes nothing else. Written for the pinned kopf
-    (requirements.lock); tests/unit/test_dispatch.py holds it to kopf's semantics."""
-    from kopf._cogs.aiokits import aiotoggles
-
-    toggle_set = aiotoggles.ToggleSet
-    if getattr(toggle_set, "_lmforge_quiet", False):
-        return
-
-    async def make_toggle(
-        self: aiotoggles.ToggleSet, __val: bool = False, *, name: str | None = None
-    ) -> aiotoggles.Toggle:
-        toggle = aiotoggles.Toggle(__val, name=name, condition=self._condition)
-        async with self._condition:
-            before = self.is_on()
-            self._toggles.add(toggle)
-            if self.is_on() != before:
-                self._condition.notify_all()
-        return toggle
-
-    async def drop_toggles(self: aiotoggles.ToggleSet, toggles: Any) -> None:
-        async with self._condition:
-            before = self.is_on()
-            self._toggles.difference_update(toggles)
-            if self.is_on() != before:
-                self._condition.notify_all()
-
-    async def drop_toggle(self: aiotoggles.ToggleSet, toggle: aiotoggles.Toggle) -> None:
-        await drop_toggles(self, [toggle])
-
-    toggle_set.make_toggle = make_toggle  # type: ignore[method-assign]
-    toggle_set.drop_toggle = drop_toggle  # type: ignore[method-assign]
-    toggle_set.drop_toggles = drop_toggles  # type: ignore[method-assign]
-    toggle_set._lmforge_quiet = True  # type: ignore[attr-defined]
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
-def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.posting.enabled = False  # our own Events, with our reasons
-    settings.persistence.diffbase_storage = NoDiffBase()
-    settings.watching.server_timeout = 60
-    settings.watching.client_timeout = 90
-    settings.execution.max_workers = 8
-    settings.networking.error_backoffs = [1, 2, 5]
-    # The CRDs are installed before the operator (Helm crds/): no need to watch
-    # CustomResourceDefinitions and Namespaces cluster-wide, which RBAC need not grant.
-    settings.scanning.disabled = True
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLines()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -330,12 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    kopf.configure(
-        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN
-    )
-    # Every handler run would log "succeeded"; keep warnings and errors only.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    setup_logging(args.log_format)
     try:
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kube_config.ConfigException:
@@ -343,39 +313,33 @@ def main(argv: list[str] | None = None) -> int:
     metrics = OperatorMetrics()
     kube = Kube(on_request=lambda method: metrics.api_requests.labels(method).inc())
     election = LeaderElection(kube, args.lease_namespace, args.identity)
-    started = threading.Event()
+    operator: Operator | None = None
     # Ready: a standby (waiting for the Lease) is ready to take over; a leader once its
-    # handlers run. So a PodDisruptionBudget can evict one replica at a time.
+    # watches listed everything. So a PodDisruptionBudget can evict one replica at a time.
     serve(
         metrics,
         args.metrics_port,
         live=lambda: True,
-        ready=lambda: not election.leading.is_set() or started.is_set(),
+        ready=lambda: (
+            not election.leading.is_set() or (operator is not None and operator.started.is_set())
+        ),
     )
     election.wait_until_leader()
     metrics.leader.set(1)
 
+    stop = threading.Event()  # SIGTERM: workers finish the reconcile they are in, then exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     settings = OperatorSettings(
         trainer_image=args.trainer_image, inferencer_image=args.inferencer_image
     )
-    reconciler = Dispatch(kube, settings, metrics)
-    registry = register(reconciler, args.resync_seconds)
-    kopf.on.startup(registry=registry)(configure_kopf)
-
-    def mark_started(**_: Any) -> None:
-        started.set()
-
-    kopf.on.startup(registry=registry)(mark_started)
-    wake_index_waiters_only_on_change()
-    kopf.run(
-        registry=registry,
-        standalone=True,  # leadership comes from our Lease, not kopf peering
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or [],
-    )
+    dispatch = Dispatch(kube, settings, metrics)
+    operator = Operator(kube, dispatch, args.namespace, args.resync_seconds, stop)
+    where = ", ".join(args.namespace) if args.namespace else "all namespaces"
+    log.info("leading; watching %s", where)
+    operator.run()
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     raise SystemExit(main())
