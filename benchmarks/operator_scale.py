@@ -458,6 +458,7 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
         print(f"burst: {args.jobs} FinetuneJobs at once ...", flush=True)
         burst_result = burst(kube, operator, args.jobs)
         print(f"  {json.dumps(burst_result)}; floor {floor_result['seconds']:.1f}s", flush=True)
+        burst_result["settle_seconds_after"] = settle()
         print(f"steady: {args.rate:g} jobs/s for {args.steady_seconds:g}s ...", flush=True)
         steady_result = steady(kube, operator, args.rate, args.steady_seconds, args.settle_seconds)
         peak_rss, rss_at_end = operator.peak_rss_bytes(), operator.rss_bytes()

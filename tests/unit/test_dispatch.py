@@ -96,6 +96,18 @@ def test_the_work_queue_keeps_each_waiting_key_once_oldest_first() -> None:
     assert queue.take(0) == KEY_A
 
 
+def test_keys_found_at_start_wait_behind_new_ones_unless_they_change() -> None:
+    queue = WorkQueue()
+    key_c = ("FinetuneJob", "ml", "c")
+    queue.add(KEY_A, later=True)
+    queue.add(KEY_B, later=True)
+    queue.add(key_c)  # created after the operator started
+    queue.add(KEY_B)  # changed since: no longer waits behind the rest
+    queue.add(KEY_B, later=True)  # and stays ahead
+    assert len(queue) == 3
+    assert [queue.take(0) for _ in range(4)] == [key_c, KEY_B, KEY_A, None]
+
+
 def test_a_waiting_worker_wakes_for_a_new_key() -> None:
     queue, got = WorkQueue(), []
     stop = threading.Event()

@@ -208,8 +208,10 @@ class Operator:
             meta = obj["metadata"]
             if type_ == "DELETED":
                 self.dispatch.forget(kind, meta["namespace"], meta["name"])
-            else:
-                self.queue.add((kind, meta["namespace"], meta["name"]))
+            else:  # what the first listing finds waits behind what happens since
+                self.queue.add(
+                    (kind, meta["namespace"], meta["name"]), later=not self.started.is_set()
+                )
 
         return on_event
 
@@ -224,7 +226,7 @@ class Operator:
                 self.dispatch.note_disruption(*owner, obj)
             except Exception:
                 log.exception("could not record a disruption on %s/%s", *owner[1:])
-        self.queue.add(owner)
+        self.queue.add(owner, later=not self.started.is_set())
 
 
 def _own_key(kind: str) -> Callable[[dict[str, Any]], Key]:

@@ -187,30 +187,40 @@ class Gone(Exception):
 
 
 class WorkQueue:
-    """Keys to reconcile, oldest first, each at most once while it waits."""
+    """Keys to reconcile, oldest first, each at most once while it waits. Keys added with
+    `later=True` (what an operator finds when it starts: every existing job, to repair
+    drift) wait behind the others, so a job created or changed meanwhile is not held up
+    by a thousand that are not new."""
 
     def __init__(self) -> None:
-        self._waiting: dict[Key, None] = {}  # insertion-ordered
+        self._now: dict[Key, None] = {}  # insertion-ordered
+        self._later: dict[Key, None] = {}
         self._ready = threading.Condition()
 
-    def add(self, key: Key) -> None:
+    def add(self, key: Key, later: bool = False) -> None:
         with self._ready:
-            if key not in self._waiting:
-                self._waiting[key] = None
-                self._ready.notify()
+            if key in self._now or (later and key in self._later):
+                return
+            if later:
+                self._later[key] = None
+            else:
+                self._later.pop(key, None)
+                self._now[key] = None
+            self._ready.notify()
 
     def take(self, timeout: float | None = None) -> Key | None:
         """The oldest key (removed from the queue), or None after `timeout` seconds."""
         with self._ready:
-            if not self._waiting and not self._ready.wait_for(lambda: bool(self._waiting), timeout):
+            if not self._ready.wait_for(lambda: bool(self._now or self._later), timeout):
                 return None
-            key = next(iter(self._waiting))
-            del self._waiting[key]
+            lane = self._now or self._later
+            key = next(iter(lane))
+            del lane[key]
             return key
 
     def __len__(self) -> int:
         with self._ready:
-            return len(self._waiting)
+            return len(self._now) + len(self._later)
 
 
 def work(queue: WorkQueue, handle: Callable[[Key], None], stop: threading.Event) -> None:
