@@ -460,6 +460,11 @@ def test_operator_metrics(crds: Kube, operator: OperatorProcess, namespace: str)
         "lmforge_gpu_hours_requested_total",
     ):
         assert name in text, name
+    # The first reconcile creates the Job and writes one status that says what it waits
+    # for, not "creating" and then a second write (one status patch and event less a job).
+    firsts = [e["message"] for e in events_of(crds, namespace, "counted")]
+    firsts = [m for m in firsts if m.startswith("New -> ")]
+    assert len(firsts) == 1 and "creating" not in firsts[0], firsts
 
 
 def test_second_replica_stands_by(crds: Kube, operator: OperatorProcess, tmp_path: Path) -> None:

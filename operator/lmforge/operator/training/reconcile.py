@@ -156,6 +156,19 @@ class Reconciler:
                 self._apply(
                     target, workload_suspended=None, observed_workload=current, present=present
                 )
+                if current is None:
+                    # The Job exists now, as the apply returned it: the one status write
+                    # says what it waits for (not "creating", then a second write).
+                    created = next(
+                        (
+                            w
+                            for w in self.cache.workloads(kind, namespace, name)
+                            if w["metadata"]["name"] == workload_name(target)
+                        ),
+                        None,
+                    )
+                    if created is not None:
+                        decision = decide(replace(observed, workload=created))
             # whatever the decision: an operator killed between a restart's create and delete
             # leaves the earlier attempt's Job, and the new attempt may have finished since
             self._delete_other_attempts(namespace, attempt, workloads)
