@@ -61,14 +61,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Speed and memory benchmarks: every benchmarks/*.py script but the GPU ones (bench-gpu), each
-# printing a table and writing benchmarks/results/<name>.json (figures compare against a
-# baseline measured in the same run).
+# Speed and memory benchmarks on the CPU, the commands behind the README's figures (over
+# an hour on 2 cores, most of it the 2M-record data run), each printing a table and
+# writing benchmarks/results/<name>.json (figures compare against a baseline measured in
+# the same run).
 bench: install
-	set -e; for script in benchmarks/[!_]*.py; do \
-		case $$script in benchmarks/gpu_*) continue;; esac; \
-		$(PY) -m benchmarks.$$(basename $$script .py); \
-	done
+	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.operator_scale --jobs 1000 --steady-seconds 5 --settle-seconds 10
+	$(PY) -m benchmarks.trainer_overhead --steps 100 --repeats 8
+	$(PY) -m benchmarks.data_loading --sizes 200000 2000000 --baseline-max 200000
 
 # Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit), and training
 # throughput/MFU of a ~1B full and an 8B-class LoRA run against TRL's SFTTrainer; needs CUDA.
