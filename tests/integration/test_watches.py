@@ -41,9 +41,10 @@ def api(crds: Kube) -> OperatorKube:
     return OperatorKube(client.ApiClient(configuration))
 
 
-def test_a_watch_holds_slim_objects_by_job_and_reports_changes(
-    api: OperatorKube, namespace: str
-) -> None:
+def recording_watch(
+    api: OperatorKube, namespace: str, selector: str
+) -> tuple[Watch, list[tuple[str, str]]]:
+    """A watch of ConfigMaps grouped by job, and the (event, name) list it reports into."""
     events: list[tuple[str, str]] = []
     watch = Watch(
         api,
@@ -51,8 +52,15 @@ def test_a_watch_holds_slim_objects_by_job_and_reports_changes(
         namespace,
         group=owner_key,
         on_event=lambda t, o: events.append((t, o["metadata"]["name"])),
-        selector="lmforge.io/job-kind,lmforge.io/job-name",
+        selector=selector,
     )
+    return watch, events
+
+
+def test_a_watch_holds_slim_objects_by_job_and_reports_changes(
+    api: OperatorKube, namespace: str
+) -> None:
+    watch, events = recording_watch(api, namespace, "lmforge.io/job-kind,lmforge.io/job-name")
     api.apply(config_map(namespace, "a-report", "a", step="1"), field_manager="test")
     stop = threading.Event()
     watch.start(stop)
@@ -83,15 +91,7 @@ def test_a_watch_holds_slim_objects_by_job_and_reports_changes(
 def test_listing_again_reports_only_what_changed_meanwhile(
     api: OperatorKube, namespace: str
 ) -> None:
-    events: list[tuple[str, str]] = []
-    watch = Watch(
-        api,
-        "ConfigMap",
-        namespace,
-        group=owner_key,
-        on_event=lambda t, o: events.append((t, o["metadata"]["name"])),
-        selector="lmforge.io/job-kind",
-    )
+    watch, events = recording_watch(api, namespace, "lmforge.io/job-kind")
     for name in ("kept", "changed", "deleted"):
         api.apply(config_map(namespace, name, name), field_manager="test")
     watch._list()  # what a watch does first and after 410 Gone
