@@ -25,6 +25,7 @@ from lmforge.trainer.data import (  # noqa: E402
     resolve_chat_template,
     tokenize_examples,
 )
+from lmforge.trainer.data.collate import padding_free  # noqa: E402
 
 from lmforge.api.common import DatasetSpec, DataSource, EvalSplit  # noqa: E402
 
@@ -684,9 +685,52 @@ def test_packed_records_give_the_same_logits_as_alone(
                 pieces.append(record["input_ids"][start:end])
     # Every record is packed whole, once (packing may reorder them).
     assert sorted(pieces) == sorted(r["input_ids"] for r in alone)
-    # The loss sees the same targets packed or not.
-    trained_alone = sum(sum(label != -100 for label in r["labels"]) for r in alone)
-    assert (batch["labels"] != -100).sum().item() == trained_alone
+    # The loss sees the same targets packed or not (a causal LM's first label is never one;
+    # in a packed row, no record's first token is predicted from the record before it).
+    trained_alone = sum(sum(label != -100 for label in r["labels"][1:]) for r in alone)
+    assert (batch["labels"][:, 1:] != -100).sum().item() == trained_alone
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_padding_free_batches_train_exactly_as_the_block_mask(
+    tokenizer: Any, attn_implementation: str
+) -> None:
+    """One row of every record, no padding and no mask: transformers finds the records from
+    the position ids, so logits, loss and gradients equal the dense block mask's."""
+    examples = [CHAT, Example(text="Rivers flow to the sea."), *load("alpaca.json")[:6]]
+    packed = tokenize_examples(
+        examples,
+        tokenizer,
+        chat_template=NAMED_TEMPLATES["chatml"],
+        max_seq_length=96,
+        train_on_prompt=False,
+        packing=True,
+    ).records
+    model = _tiny_llama(len(tokenizer), attn_implementation)
+    dense = DataCollator(tokenizer)(packed)
+    flat = DataCollator(tokenizer, padding_free=True, pad_to_multiple_of=8)(packed)
+    tokens = sum(len(r["input_ids"]) for r in packed)
+    assert "attention_mask" not in flat and flat["use_cache"] is False
+    assert flat["input_ids"].shape == (1, -(-tokens // 8) * 8)  # padded only to the multiple
+    real = torch.cat([dense["input_ids"][i, : len(r["input_ids"])] for i, r in enumerate(packed)])
+    assert torch.equal(flat["input_ids"][0, :tokens], real)
+
+    def loss_and_grads(batch: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    dense_loss, dense_grads = loss_and_grads(dense)
+    flat_loss, flat_grads = loss_and_grads(flat)
+    torch.testing.assert_close(flat_loss, dense_loss, atol=1e-5, rtol=1e-5)
+    for flat_grad, dense_grad in zip(flat_grads, dense_grads, strict=True):
+        torch.testing.assert_close(flat_grad, dense_grad, atol=1e-5, rtol=1e-4)
+    # Without the position ids the records would see each other: the check can fail.
+    mixed = {k: v for k, v in flat.items() if k != "position_ids"}
+    assert not torch.allclose(model(**mixed).loss, dense_loss, atol=1e-3)
+    # What the trainer picks: padding-free unless the attention is eager.
+    assert padding_free(model) is (attn_implementation != "eager")
 
 
 def test_block_mask_layout_with_padding(tokenizer: Any) -> None:

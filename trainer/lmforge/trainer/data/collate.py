@@ -13,14 +13,22 @@ class DataCollator:
     """Pads a list of token records into a batch for a causal LM (a Trainer data_collator).
 
     Unpacked records get right padding (the pad token, else EOS), labels padded with -100 and a
-    2-D attention_mask. Packed records (those with position_ids) get a 4-D additive mask
-    [batch, 1, L, L] holding 0 where a token may attend and the dtype's minimum elsewhere:
-    causal within each original record, nothing across records. transformers passes a 4-D
-    mask to the attention unchanged; the additive float form is the one that is correct for
-    both eager and sdpa attention (eager adds the mask to the scores, so a bool mask would be
-    silently wrong there). float32 works with fp32, fp16 and bf16 models alike; pass the
-    model's dtype as `mask_dtype` to halve the mask's memory and let fused SDPA kernels take it.
-    Flash-attention kernels take no 4-D mask at all.
+    2-D attention_mask. Packed records (those with position_ids; each original record starts
+    where its position id is 0, and its first token is never a target: nothing before it in
+    the row belongs to it) come in one of two forms:
+
+    - padding-free (`padding_free=True`): the batch's rows joined into one row with their
+      position ids and no attention mask, as transformers' DataCollatorWithFlattening does.
+      transformers finds the records from the position ids: flash-attention kernels run
+      varlen over them, SDPA and eager get a block mask transformers builds. No padding, no
+      dense float mask. `use_cache=False` goes with the batch: with a cache transformers
+      does not look for packed records.
+    - a 4-D additive mask [batch, 1, L, L] (the fallback, for eager attention): 0 where a
+      token may attend and the dtype's minimum elsewhere, causal within each record.
+      transformers passes a 4-D mask to the attention unchanged; the additive float form is
+      correct for eager and sdpa alike (eager adds the mask to the scores, so a bool mask
+      would be silently wrong there). Pass the model's dtype as `mask_dtype` to halve its
+      memory. Flash-attention kernels take no 4-D mask at all.
     """
 
     def __init__(
@@ -29,6 +37,7 @@ class DataCollator:
         pad_to_multiple_of: int | None = None,
         *,
         mask_dtype: torch.dtype = torch.float32,
+        padding_free: bool = False,
     ) -> None:
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -36,9 +45,12 @@ class DataCollator:
         self.pad_token_id: int = pad if pad is not None else 0
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mask_dtype = mask_dtype
+        self.padding_free = padding_free
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Collate records (lists or tensors of ints) into a batch of tensors."""
+        if self.padding_free and "position_ids" in features[0]:
+            return self._flattened(features)
         rows = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
         lengths = [len(row) for row in rows]
         width = max(lengths)
@@ -63,8 +75,48 @@ class DataCollator:
         for i, feature in enumerate(features):
             position_ids[i, : lengths[i]] = torch.as_tensor(feature["position_ids"])
         batch["position_ids"] = position_ids
+        batch["labels"] = labels.masked_fill(record_starts(position_ids, lengths), IGNORE)
         batch["attention_mask"] = block_causal_mask(position_ids, lengths, self.mask_dtype)
         return batch
+
+    def _flattened(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Every row of the batch in one row, with its position ids; padded (to
+        pad_to_multiple_of) by a record of its own that is never a target."""
+        input_ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
+        labels = torch.cat(
+            [torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long) for f in features]
+        )
+        position_ids = torch.cat(
+            [torch.as_tensor(f["position_ids"], dtype=torch.long) for f in features]
+        )
+        labels = labels.masked_fill(position_ids == 0, IGNORE)
+        length = len(input_ids)
+        if self.pad_to_multiple_of and length % self.pad_to_multiple_of:
+            extra = self.pad_to_multiple_of - length % self.pad_to_multiple_of
+            input_ids = torch.cat([input_ids, torch.full((extra,), self.pad_token_id)])
+            labels = torch.cat([labels, torch.full((extra,), IGNORE)])
+            position_ids = torch.cat([position_ids, torch.arange(extra)])
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            "use_cache": False,
+        }
+
+
+def padding_free(model: Any) -> bool:
+    """Packed batches go padding-free unless the model runs eager attention (which keeps the
+    dense block mask as its fallback)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "_attn_implementation", None) or "eager") != "eager"
+
+
+def record_starts(position_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """True at the first token of every record of packed rows (padding excluded)."""
+    starts = position_ids == 0
+    for i, length in enumerate(lengths):
+        starts[i, length:] = False
+    return starts
 
 
 def block_causal_mask(

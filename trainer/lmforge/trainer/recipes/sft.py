@@ -15,6 +15,7 @@ from typing import Any
 
 from lmforge.trainer import export, sharding
 from lmforge.trainer.data import DataCollator, prepare_once_per_node, resolve_chat_template
+from lmforge.trainer.data.collate import padding_free
 from lmforge.trainer.evaluate import exact_match_accuracy, perplexity
 from lmforge.trainer.launch import node_rank, rank
 from lmforge.trainer.loop import (
@@ -132,15 +133,16 @@ def run(config: RunConfig) -> dict[str, Any]:
         callbacks.append(AdaLoraCallback(model))
     args = training_arguments(config, precision, model, has_eval=data.eval is not None)
     if "position_ids" in data.train.column_names:
-        # A packed batch's attention_mask is the 4-D additive block mask: transformers would
-        # sum it as a count of real tokens. Count every token (packed rows are nearly full).
+        # A packed batch has no 2-D attention_mask to count real tokens by (padding-free: none
+        # at all; else the 4-D block mask). Count every token: padding-free rows have no
+        # padding, and block-masked rows are nearly full.
         args.include_num_input_tokens_seen = "all"
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=DataCollator(tokenizer),
+        data_collator=DataCollator(tokenizer, padding_free=padding_free(model)),
         callbacks=callbacks,
     )
     result, resume = train_resuming(trainer, config, reporter)
