@@ -106,7 +106,11 @@ class DataCollator:
 
 def padding_free(model: Any) -> bool:
     """Packed batches go padding-free unless the model runs eager attention (which keeps the
-    dense block mask as its fallback)."""
+    dense block mask as its fallback) or learns prompts (prompt, prefix or p-tuning: PEFT
+    drops the position ids that tell the records apart)."""
+    adapters = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in adapters.values()):
+        return False
     config = getattr(model, "config", None)
     return (getattr(config, "_attn_implementation", None) or "eager") != "eager"
 
