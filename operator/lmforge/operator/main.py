@@ -138,7 +138,7 @@ class Operator:
         resync_seconds: float,
         stop: threading.Event,
     ) -> None:
-        self.kube, self.dispatch, self.resync_seconds = kube, dispatch, resync_seconds
+        self.dispatch, self.resync_seconds = dispatch, resync_seconds
         self.queue = WorkQueue()
         self.stop = stop
         self.started = threading.Event()  # every watch listed, workers running

@@ -132,8 +132,7 @@ def block_causal_mask(
     row of the mask is fully blocked (which gives NaNs in some attention kernels).
     """
     batch, width = position_ids.shape
-    starts = (position_ids == 0).long()
-    segments = starts.cumsum(dim=1)
+    segments = record_starts(position_ids, lengths).long().cumsum(dim=1)
     for i, length in enumerate(lengths):
         # Distinct negative ids make every padding position its own segment.
         segments[i, length:] = -torch.arange(1, width - length + 1)
