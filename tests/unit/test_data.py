@@ -6,6 +6,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -729,9 +730,11 @@ def test_padding_free_batches_train_exactly_as_the_block_mask(
     # Without the position ids the records would see each other: the check can fail.
     mixed = {k: v for k, v in flat.items() if k != "position_ids"}
     assert not torch.allclose(model(**mixed).loss, dense_loss, atol=1e-3)
-    # What the trainer picks: padding-free unless the attention is eager, or the adapter
-    # learns a prompt (PEFT ignores position ids then).
-    assert padding_free(model) is (attn_implementation != "eager")
+    # What the trainer picks: padding-free only with a varlen (flash) kernel, never when the
+    # adapter learns a prompt (PEFT ignores position ids then).
+    assert padding_free(model) is False
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert padding_free(flash) is True
     peft = pytest.importorskip("peft")
     prompted = peft.get_peft_model(
         model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
