@@ -232,6 +232,7 @@ MUST_NOT = [
     ("delete", "pods", "job"),
     ("create", "finetunejobs.lmforge.io", "job"),
     ("delete", "finetunejobs.lmforge.io", "job"),
+    ("patch", "inferenceservices.lmforge.io", "job"),  # only their status is written
     ("patch", "pods", "job"),
     ("update", "pods", "job"),
     ("delete", "configmaps", "job"),

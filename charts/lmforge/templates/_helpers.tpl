@@ -51,10 +51,9 @@ app.kubernetes.io/component: operator
 The operator's rights in the namespaces it watches, enumerated from what it does
 (operator/lmforge/operator/kube.py, training/reconcile.py, training/render.py;
 tests/unit/test_chart.py and tests/integration/test_chart.py check them):
-- its kinds: watched (get/list/watch; fromJob references read), patched only
-  to drop the finalizer earlier versions' per-object kopf timers added, status written with a merge patch (status:
-  patch), owner references with blockOwnerDeletion (finalizers: update, for
-  OwnerReferencesPermissionEnforcement);
+- its kinds: watched (get/list/watch; fromJob references read), never written but for
+  their status, written with a merge patch (status: patch), and owner references with
+  blockOwnerDeletion (finalizers: update, for OwnerReferencesPermissionEnforcement);
 - children: server-side apply (create, patch) of ConfigMaps, PVCs, Services,
   ServiceAccounts, Roles, RoleBindings and batch Jobs; Jobs of older attempts deleted;
   Jobs, Pods and the trainers' report ConfigMaps watched; report ConfigMaps and
@@ -69,7 +68,7 @@ No Secrets, no pods/exec, no writes to Pods, nothing cluster-scoped.
 {{- define "lmforge.rules" -}}
 - apiGroups: [lmforge.io]
   resources: [finetunejobs, alignmentjobs, inferenceservices]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 - apiGroups: [lmforge.io]
   resources: [finetunejobs/status, alignmentjobs/status, inferenceservices/status]
   verbs: [patch]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from lmforge.operator import timestamps
 from lmforge.operator.ownership import LABEL_ATTEMPT, LABEL_KIND, LABEL_NAME, MANAGED_BY
 
 from lmforge.api.base import GROUP, VERSION
@@ -201,7 +201,7 @@ class Kube:
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the job, as `kubectl describe` and `kubectl events` show them."""
         meta = obj["metadata"]
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = timestamps.now()
         body = {
             "apiVersion": "v1",
             "kind": "Event",

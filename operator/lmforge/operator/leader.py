@@ -16,27 +16,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from lmforge.operator import timestamps
 from lmforge.operator.kube import Kube, collection_path, object_path
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "lmforge-operator"
-FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _parse(stamp: str | None) -> datetime | None:
-    if not stamp:
-        return None
-    for fmt in (FORMAT, "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(stamp, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
 
 
 class LeaderElection:
@@ -56,7 +45,7 @@ class LeaderElection:
         spec: dict[str, Any] = {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": self.duration,
-            "renewTime": now.strftime(FORMAT),
+            "renewTime": now.strftime(timestamps.MICRO_TIME),
         }
         try:
             if lease is None:
@@ -71,7 +60,7 @@ class LeaderElection:
                 return True
             current = lease.get("spec", {})
             holder = current.get("holderIdentity")
-            renewed = _parse(current.get("renewTime"))
+            renewed = timestamps.parse(current.get("renewTime"))
             expired = renewed is None or now > renewed + timedelta(
                 seconds=int(current.get("leaseDurationSeconds") or self.duration)
             )

@@ -7,10 +7,10 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, get_args
 
+from lmforge.operator import timestamps
 from lmforge.operator.training.lifecycle import Failure
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -167,10 +167,11 @@ class OperatorMetrics:
                 self.jobs.labels(kind, phase).set(counts.get((kind, phase), 0))
 
     def observe_finished(self, kind: str, phase: str, created: str | None) -> None:
-        if not created:
-            return
-        started = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-        self.job_seconds.labels(kind, phase).observe(max(time.time() - started, 0.0))
+        started = timestamps.parse(created)
+        if started is not None:
+            self.job_seconds.labels(kind, phase).observe(
+                max(time.time() - started.timestamp(), 0.0)
+            )
 
     def count_gpu_time(self, kind: str, namespace: str, name: str, gpus: int) -> None:
         """Add the GPU time since this job was last seen running."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lmforge.operator import timestamps
 from lmforge.operator.kube import Kube
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.ownership import LABEL_KIND, LABEL_NAME
@@ -131,7 +132,7 @@ class ServingReconciler:
             desired_replicas=desired,
             reports=reports,
             live_pods=live,
-            now=lifecycle.now(),
+            now=timestamps.now(),
         )
         new = decide_status(observed)
         if new != status:
@@ -210,7 +211,7 @@ class ServingReconciler:
             reason,
             message,
             generation,
-            lifecycle.now(),
+            timestamps.now(),
         )
         if new != status:
             self.kube.patch_status(KIND, namespace_of(meta), meta["name"], new)

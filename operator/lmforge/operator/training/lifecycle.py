@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from lmforge.operator import timestamps
 
 from lmforge.api.runconfig import (
     EXIT_BAD_CONFIG,
@@ -180,10 +181,6 @@ class Observed:
     output_claim: str = ""  # the output PVC, mounted at output_mount in the pods
     output_mount: str = ""
     now: str = ""
-
-
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -385,7 +382,7 @@ def _handle_failure(obs: Observed, status: _Status, failed: dict[str, Any]) -> D
         return status.decision()
     failed_pods = [p for p in obs.pods if p.get("status", {}).get("phase") == "Failed"]
     cause = root_cause(failed_pods)
-    if cause is None and _seconds_since(failed.get("lastTransitionTime"), obs.now) < (
+    if cause is None and timestamps.seconds_between(failed.get("lastTransitionTime"), obs.now) < (
         POD_FAILURE_GRACE_SECONDS
     ):
         # The Job and pod watches are separate streams: the Job may say Failed before the
@@ -428,15 +425,6 @@ def _handle_failure(obs: Observed, status: _Status, failed: dict[str, Any]) -> D
 
 # How long a failed Job waits for a failed pod to explain it before its own message does.
 POD_FAILURE_GRACE_SECONDS = 30
-
-
-def _seconds_since(stamp: str | None, now: str) -> float:
-    """Seconds from an API timestamp to `now`; infinite when either is missing or odd."""
-    try:
-        start, end = (datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (stamp, now))
-    except ValueError:
-        return float("inf")
-    return (end - start).total_seconds()
 
 
 def _running(obs: Observed, status: _Status) -> Decision:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from lmforge.operator import timestamps
 from lmforge.operator.cache import ClusterCache
 from lmforge.operator.kube import Kube
 from lmforge.operator.metrics import OperatorMetrics
@@ -135,7 +136,7 @@ class Reconciler:
             output_claim=output_claim_name(target),
             output_mount=OUTPUT_MOUNT,
             output_kind=spec.output_kind,
-            now=lifecycle.now(),
+            now=timestamps.now(),
         )
         decision = decide(observed)
 
@@ -226,7 +227,7 @@ class Reconciler:
             ("Reconciling", False),
         ):
             conditions = lifecycle.set_condition(
-                conditions, type_, value, "InvalidSpec", message, generation, lifecycle.now()
+                conditions, type_, value, "InvalidSpec", message, generation, timestamps.now()
             )
         new["conditions"] = conditions
         self._patch_status(body["kind"], meta["namespace"], meta["name"], new)
@@ -271,7 +272,7 @@ class Reconciler:
                 str(cond.get("reason") or "Disrupted"),
                 message,
                 int(body["metadata"].get("generation", 1)),
-                lifecycle.now(),
+                timestamps.now(),
             )
             self._patch_status(kind, namespace, name, status)
             self.kube.event(body, "Warning", "Disrupted", message)
