@@ -120,3 +120,22 @@ def test_a_waiting_worker_wakes_for_a_new_key() -> None:
     stop.set()
     worker.join(5)
     assert got == [KEY_A] and not worker.is_alive()
+
+
+def test_the_resync_leaves_jobs_waiting_in_the_queue_to_the_workers() -> None:
+    """After a start every job waits in the queue; the resync must not reconcile them a
+    second time beside the workers, only those no worker has reconciled for a while."""
+    fake = SlowReconciler()
+    fake.release.set()
+    dispatch = dispatch_with(fake)
+    known = [KEY_A, KEY_B]
+    dispatch.cache.known = lambda indexes: list(known)  # type: ignore[method-assign]
+    queue = WorkQueue()
+    queue.add(KEY_A, later=True)
+    assert KEY_A in queue and KEY_B not in queue
+    assert dispatch.stale(10, waiting=queue) == [KEY_B]
+    dispatch.reconcile(*KEY_B)
+    assert dispatch.stale(10, waiting=queue) == []  # B was just reconciled
+    assert queue.take(0) == KEY_A and KEY_A not in queue
+    assert dispatch.stale(10, waiting=queue) == [KEY_A]
+    assert sorted(dispatch.stale(0)) == [KEY_A, KEY_B]  # nothing is fresh for 0 s

@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from kubernetes import config as kube_config
@@ -106,16 +106,21 @@ class Dispatch:
         with self._guard:
             self._last.pop((kind, namespace, name), None)
 
-    def stale(self, seconds: float) -> list[tuple[str, str, str]]:
+    def stale(
+        self, seconds: float, waiting: Container[tuple[str, str, str]] = ()
+    ) -> list[tuple[str, str, str]]:
         """The objects (of every managed kind the watches know) not reconciled for
-        `seconds`: what a resync reconciles."""
+        `seconds`, and neither running nor `waiting` for a worker: what a resync reconciles.
+        (Right after a start every job waits in the queue; the resync leaves them to it.)"""
         known = self.cache.known([jobs_index(kind) for kind in MANAGED_KINDS])
         now = time.monotonic()
         with self._guard:
             return [
                 key
                 for key in known
-                if key not in self._running and now - self._last.get(key, -seconds) >= seconds
+                if key not in self._running
+                and key not in waiting
+                and now - self._last.get(key, -seconds) >= seconds
             ]
 
     def note_disruption(self, kind: str, namespace: str, name: str, pod: dict[str, Any]) -> None:
@@ -198,10 +203,11 @@ class Operator:
         """Every object not reconciled for resync_seconds (deadlines, waits on other jobs,
         anything no event announces), one at a time, beside the workers."""
         while not self.stop.wait(min(1.0, self.resync_seconds / 4)):
-            for key in self.dispatch.stale(self.resync_seconds):
+            for key in self.dispatch.stale(self.resync_seconds, waiting=self.queue):
                 if self.stop.is_set():
                     return
-                self._reconcile(key)
+                if key not in self.queue:  # an event may have queued it since
+                    self._reconcile(key)
 
     def _on_job_event(self, kind: str) -> Callable[[str, dict[str, Any]], None]:
         def on_event(type_: str, obj: dict[str, Any]) -> None:

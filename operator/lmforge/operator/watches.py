@@ -222,6 +222,10 @@ class WorkQueue:
         with self._ready:
             return len(self._now) + len(self._later)
 
+    def __contains__(self, key: object) -> bool:
+        with self._ready:
+            return key in self._now or key in self._later
+
 
 def work(queue: WorkQueue, handle: Callable[[Key], None], stop: threading.Event) -> None:
     """A worker: take keys and handle them until `stop`."""
