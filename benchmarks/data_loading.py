@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import header, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "data_loading.json"
@@ -169,28 +169,6 @@ def measure(loader: str, stage: str, data: Path, tokenizer_dir: Path, work: Path
     return result
 
 
-def machine() -> dict[str, Any]:
-    import datasets
-    import pyarrow
-    import tokenizers
-    import transformers
-
-    memory = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_bytes": int(memory) * 1024,
-        "python": platform.python_version(),
-        "versions": {
-            "datasets": datasets.__version__,
-            "pyarrow": pyarrow.__version__,
-            "tokenizers": tokenizers.__version__,
-            "transformers": transformers.__version__,
-        },
-    }
-
-
 def mib(value: int) -> str:
     return f"{value / 2**20:,.0f}"
 
@@ -265,10 +243,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import datasets
+    import pyarrow
+    import tokenizers
+    import transformers
+
     report = {
-        "benchmark": "data_loading",
-        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": machine(),
+        **header("data_loading"),
+        "machine": machine(
+            datasets=datasets.__version__,
+            pyarrow=pyarrow.__version__,
+            tokenizers=tokenizers.__version__,
+            transformers=transformers.__version__,
+        ),
         "setup": {
             "format": "alpaca (synthetic)",
             "chat_template": "chatml",

@@ -32,9 +32,10 @@ import random
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import header, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_training.json"
@@ -269,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     import trl
 
     report: dict[str, Any] = {
-        "benchmark": "gpu_training",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.gpu_training " + " ".join(argv or sys.argv[1:]),
+        **header("gpu_training", argv),
         "machine": {
             "platform": platform.platform(),
             "gpu": device,
@@ -317,13 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 mfu = f"{100 * m['mfu']:.1f} %" if m["mfu"] is not None else "?"
                 rows.append((f"{name} {kind}", f"{m['tokens_per_second_per_gpu']:,.0f}", mfu))
             rows.append((f"{name} lmforge / trl", f"{ratio:.2f}x", ""))
-    print(f"\ngpu_training on {device}\n  {'run':<22} {'tokens/s/GPU':>14} {'MFU':>8}")
-    for label, tps, mfu in rows:
-        print(f"  {label:<22} {tps:>14} {mfu:>8}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    publish(
+        report, Path(args.out), f"gpu_training on {device}", [("run", "tokens/s/GPU", "MFU"), *rows]
+    )
     return 0
 
 

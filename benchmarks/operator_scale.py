@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -42,12 +41,13 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
 from kubernetes import config as kube_config
+
+from benchmarks.report import header, machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
@@ -416,25 +416,6 @@ def steady(
     }
 
 
-def machine() -> dict[str, Any]:
-    import kubernetes
-
-    memory = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    binaries = sorted(p.name for p in (Path.home() / ".cache/lmforge/bin").glob("k8s-*"))
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_bytes": int(memory) * 1024,
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "versions": {
-            "kubernetes-client": kubernetes.__version__,
-            "control-plane": binaries[-1] if binaries else "?",
-        },
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000, help="jobs applied at once")
@@ -479,7 +460,13 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
     ):
         subprocess.run([str(kubectl_bin), f"--kubeconfig={kubeconfig}", *cmd], check=True)
     kube = Kube()
-    info = machine()
+    binaries = sorted(p.name for p in (Path.home() / ".cache/lmforge/bin").glob("k8s-*"))
+    info = machine(
+        **{
+            "kubernetes-client": client.__version__,
+            "control-plane": binaries[-1] if binaries else "?",
+        }
+    )
 
     print(f"floor: a bare client applies the children of {args.jobs} jobs ...", flush=True)
     floor_result = floor(kube, args.jobs)
@@ -509,9 +496,7 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
 
     ratio = burst_result["seconds"] / floor_result["seconds"]
     report = {
-        "benchmark": "operator_scale",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.operator_scale " + " ".join(argv_of(args)),
+        **header("operator_scale", argv_of(args)),
         "machine": info,
         "jobs": args.jobs,
         "floor": floor_result,
@@ -548,13 +533,7 @@ def run(args: argparse.Namespace, kubeconfig: Path) -> int:
             f"{rss_at_start / 2**20:.0f} / {rss_at_end / 2**20:.0f}",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\noperator_scale: {args.jobs} jobs")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value:>8}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    publish(report, args.out, f"operator_scale: {args.jobs} jobs", rows)
     return 0
 
 

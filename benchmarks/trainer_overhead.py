@@ -30,15 +30,15 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import header, machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "trainer_overhead.json"
@@ -257,27 +257,6 @@ def measure_together(
     return results
 
 
-def machine() -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    memory = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_bytes": int(memory) * 1024,
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -294,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
 
+    import peft
+    import torch
+    import transformers
     from lmforge.trainer.tiny import build_tiny_model
 
-    info = machine()
+    info = machine(
+        torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__
+    )
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         folder = Path(tmp)
         model = build_tiny_model(folder / "tiny-llama")
@@ -326,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     ratio = statistics.median(pair_ratios)
     report = {
-        "benchmark": "trainer_overhead",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": f"python -m benchmarks.trainer_overhead --steps {args.steps} "
-        f"--repeats {args.repeats} --threads {args.threads}",
+        **header(
+            "trainer_overhead",
+            [f"--steps {args.steps}", f"--repeats {args.repeats}", f"--threads {args.threads}"],
+        ),
         "machine": info,
         "setup": {"batch": BATCH, "max_seq_length": MAX_LENGTH, "lora_rank": RANK},
         "runs": runs,
@@ -352,14 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * report['baseline_padding_efficiency']:.1f} %",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    print("\ntrainer_overhead")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value:>9}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    publish(report, Path(args.out), "trainer_overhead", rows)
     return 0
 
 
