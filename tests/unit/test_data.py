@@ -210,6 +210,22 @@ def test_kto_records() -> None:
     assert bad.chosen == (assistant("Seven."),) and bad.label is False
 
 
+def test_kto_sees_a_pair_as_a_desirable_and_an_undesirable_row() -> None:
+    from lmforge.trainer.recipes.kto import labelled
+
+    good, bad = load("kto.jsonl")
+    assert labelled(good) == [(good, True)] and labelled(bad) == [(bad, False)]
+    (pair,) = load("preference.jsonl")[:1]
+    rows = labelled(pair)
+    assert [(row.chosen, label) for row, label in rows] == [
+        (pair.chosen, True),
+        (pair.rejected, False),
+    ]
+    assert all(row.messages == pair.messages and not row.rejected for row, _ in rows)
+    prompt_only = load("prompt.jsonl")[0]
+    assert labelled(prompt_only) == []
+
+
 def test_prompt_records() -> None:
     first, second = load("prompt.jsonl")
     assert first.messages == (user("Write a haiku about rain."),)

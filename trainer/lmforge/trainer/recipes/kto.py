@@ -56,32 +56,17 @@ def labelled(example: Example) -> list[tuple[Example, bool]]:
     and an undesirable (rejected) row."""
     if example.label is not None:
         return [(example, example.label)]
-    rows = []
-    if example.chosen:
-        rows.append(
-            (
-                Example(
-                    messages=example.messages,
-                    tools=example.tools,
-                    chosen=example.chosen,
-                    origin=example.origin,
-                ),
-                True,
-            )
+    answers = ((example.chosen, True), (example.rejected, False))
+    return [
+        (
+            Example(
+                messages=example.messages, tools=example.tools, chosen=answer, origin=example.origin
+            ),
+            good,
         )
-    if example.rejected:
-        rows.append(
-            (
-                Example(
-                    messages=example.messages,
-                    tools=example.tools,
-                    chosen=example.rejected,
-                    origin=example.origin,
-                ),
-                False,
-            )
-        )
-    return rows
+        for answer, good in answers
+        if answer
+    ]
 
 
 def encode_rows(examples: list[Example], tokenizer: Any, chat_template: str | None) -> list[Row]:
