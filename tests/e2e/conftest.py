@@ -5,14 +5,17 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from lmforge.trainer import checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
@@ -58,12 +61,55 @@ def write_job(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
     return write
 
 
+def _lmforge_command(*args: str) -> tuple[list[str], dict[str, str]]:
+    exe = shutil.which("lmforge", path=str(Path(sys.executable).parent)) or "lmforge"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return [exe, *args], env
+
+
 def lmforge(
     *args: str, cwd: Path, timeout: float = 600, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `lmforge` console script."""
-    exe = shutil.which("lmforge", path=str(Path(sys.executable).parent)) or "lmforge"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command, env = _lmforge_command(*args)
     return subprocess.run(
-        [exe, *args], cwd=cwd, text=True, capture_output=True, timeout=timeout, env=env, **kw
+        command, cwd=cwd, text=True, capture_output=True, timeout=timeout, env=env, **kw
     )
+
+
+def kill_at_checkpoint(
+    job: Path,
+    *run_args: str,
+    checkpoint_dir: Path,
+    cwd: Path,
+    at_least: int = 0,
+    timeout: float = 600,
+) -> int:
+    """`lmforge run job *run_args`, SIGKILLed with every process under it, as a node failure
+    would, once `checkpoint_dir` holds a complete checkpoint of step (or round) `at_least`
+    or later. Returns the newest complete checkpoint's step after the kill; fails if none
+    was written or the run finished first."""
+    command, env = _lmforge_command("run", str(job), *run_args)
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = checkpoints.latest_complete_checkpoint(checkpoint_dir)
+        if latest is not None and (checkpoints.checkpoint_step(latest) or 0) >= at_least:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode})"
+    latest = checkpoints.latest_complete_checkpoint(checkpoint_dir)
+    assert latest is not None, "no checkpoint was written before the deadline"
+    step = checkpoints.checkpoint_step(latest)
+    assert step is not None
+    return step

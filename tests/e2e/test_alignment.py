@@ -4,23 +4,17 @@ miss) on held-out pairs, and resume after a SIGKILL."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from lmforge.trainer import checkpoints
 
 from lmforge.api.kinds import TrainingJob
 from lmforge.api.validation import parse_object
 from lmforge.local import local_run_config
-from tests.e2e.conftest import DATA, lmforge
+from tests.e2e.conftest import DATA, kill_at_checkpoint, lmforge
 
 pytestmark = pytest.mark.slow
 
@@ -200,29 +194,10 @@ def test_sigkill_then_resume(method: str, tiny_model: Path, tmp_path: Path) -> N
         )
     )
     out = tmp_path / "out"
-    ckpts = out / "checkpoints"
-    exe = str(Path(sys.executable).parent / "lmforge")
-    proc = subprocess.Popen(
-        [exe, "run", str(path), "--output", str(out)],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    killed_at = kill_at_checkpoint(
+        path, "--output", str(out), checkpoint_dir=out / "checkpoints", cwd=tmp_path, at_least=4
     )
-    deadline = time.monotonic() + 300
-    latest = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        latest = checkpoints.latest_complete_checkpoint(ckpts)
-        if latest is not None and checkpoints.checkpoint_step(latest) >= 4:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest is not None, "no checkpoint was written before the deadline"
-    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
-    killed_at = checkpoints.checkpoint_step(checkpoints.latest_complete_checkpoint(ckpts))
-    assert killed_at is not None and killed_at < 16
+    assert killed_at < 16
 
     rerun = lmforge("run", str(path), "--output", str(out), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +13,7 @@ import pytest
 import yaml
 from lmforge.trainer import checkpoints
 
-from tests.e2e.conftest import DATA, ROOT, _merge, lmforge
+from tests.e2e.conftest import DATA, ROOT, _merge, kill_at_checkpoint, lmforge
 
 pytestmark = pytest.mark.slow
 
@@ -175,28 +170,8 @@ def test_raft_resumes_from_the_last_complete_round(start_policy: Path, tmp_path:
     )
     out = tmp_path / "out"
     ckpts = out / "checkpoints"
-    exe = str(Path(sys.executable).parent / "lmforge")
-    proc = subprocess.Popen(
-        [exe, "run", str(path), "--output", str(out)],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    deadline = time.monotonic() + 600
-    latest = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        latest = checkpoints.latest_complete_checkpoint(ckpts)
-        if latest is not None:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest is not None, "no round was checkpointed before the deadline"
-    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
-    killed_at = checkpoints.checkpoint_step(checkpoints.latest_complete_checkpoint(ckpts))
-    assert killed_at is not None and killed_at < 3
+    killed_at = kill_at_checkpoint(path, "--output", str(out), checkpoint_dir=ckpts, cwd=tmp_path)
+    assert killed_at < 3
     # a half-written round left in staging is never resumed from
     (ckpts / checkpoints.STAGING / "checkpoint-3").mkdir(parents=True, exist_ok=True)
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from lmforge.trainer import checkpoints
 
 from lmforge.api.validation import load_file
 from lmforge.local import local_run_config
-from tests.e2e.conftest import lmforge
+from tests.e2e.conftest import kill_at_checkpoint, lmforge
 
 pytestmark = pytest.mark.slow
 NO_EVAL = {"evalSplit": {"sources": []}}
@@ -33,27 +31,10 @@ def test_sigkill_then_resume_auto(write_job: Callable[..., Path], tmp_path: Path
     )
     out = tmp_path / "out"
     ckpts = out / "checkpoints"
-    exe = str(Path(sys.executable).parent / "lmforge")
-    proc = subprocess.Popen(
-        [exe, "run", str(path), "--output", str(out)],
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    killed_at = kill_at_checkpoint(
+        path, "--output", str(out), checkpoint_dir=ckpts, cwd=tmp_path, at_least=10, timeout=300
     )
-    deadline = time.monotonic() + 300
-    latest = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        latest = checkpoints.latest_complete_checkpoint(ckpts)
-        if latest is not None and checkpoints.checkpoint_step(latest) >= 10:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest is not None, "no checkpoint was written before the deadline"
-    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
-    killed_at = checkpoints.checkpoint_step(checkpoints.latest_complete_checkpoint(ckpts))
-    assert killed_at is not None and killed_at < 40
+    assert killed_at < 40
 
     # A checkpoint damaged after the fact must be skipped, not resumed from.
     damaged = ckpts / "checkpoint-999"

@@ -8,19 +8,13 @@ by the reward-model job, with the task's true reward reported beside it (weight 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from lmforge.trainer import checkpoints
 
-from tests.e2e.conftest import DATA, ROOT, lmforge
+from tests.e2e.conftest import DATA, ROOT, kill_at_checkpoint, lmforge
 
 pytestmark = pytest.mark.slow
 
@@ -128,26 +122,8 @@ def test_grpo_resumes_after_sigkill_and_reports_every_reward_component(runs: Pat
     spec["checkpoint"] = {"everySteps": 5, "keep": 2}
     path = job("AlignmentJob", "grpo", spec, runs)
     ckpts = runs / "lmforge-runs" / "alignmentjob" / "grpo" / "checkpoints"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "lmforge"), "run", str(path)],
-        cwd=runs,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
-    deadline = time.monotonic() + 600
-    latest = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        latest = checkpoints.latest_complete_checkpoint(ckpts)
-        if latest is not None and checkpoints.checkpoint_step(latest) >= 5:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest is not None, "no checkpoint was written before the deadline"
-    killed_at = checkpoints.checkpoint_step(checkpoints.latest_complete_checkpoint(ckpts))
-    assert killed_at is not None and killed_at < 20
+    killed_at = kill_at_checkpoint(path, checkpoint_dir=ckpts, cwd=runs, at_least=5)
+    assert killed_at < 20
 
     metrics = run(path, runs)
     assert metrics["resumed_from_step"] == killed_at
