@@ -65,6 +65,20 @@ def test_own_status_write_wins_until_the_watch_catches_up() -> None:
     assert cache.job(*KEY)["status"]["phase"] == "Running"  # type: ignore[index]
 
 
+def test_the_echo_of_our_own_write_is_known_as_such() -> None:
+    cache = cache_with({})
+    assert not cache.own_write(obj("FinetuneJob", "demo", 12))  # nothing written yet
+    cache.wrote(obj("FinetuneJob", "demo", 12, status={"phase": "Pending"}))
+    assert cache.own_write(obj("FinetuneJob", "demo", 12, status={"phase": "Pending"}))
+    assert not cache.own_write(obj("FinetuneJob", "demo", 13))  # someone wrote after us
+    assert not cache.own_write(obj("FinetuneJob", "demo", 11))  # an older state
+    assert not cache.own_write(obj("Job", "demo", 12))  # another object
+    cache.wrote(obj("Job", "demo-0", 20))
+    assert cache.own_write(obj("Job", "demo-0", 20))
+    cache.deleted("Job", "ns", "demo-0")
+    assert not cache.own_write(obj("Job", "demo-0", 20))
+
+
 def test_restart_is_seen_at_once_new_attempt_present_old_hidden() -> None:
     old = obj("Job", "demo-0", 20, labels={"lmforge.io/attempt": "0"})
     workloads = {KEY: [old]}

@@ -142,6 +142,13 @@ class ClusterCache:
             self._written[key] = slim(obj)
             self._deleted.pop(key, None)
 
+    def own_write(self, obj: Mapping[str, Any]) -> bool:
+        """True when `obj` is, version for version, what our last write of it returned:
+        its watch event brings nothing the reconcile that wrote it did not know."""
+        with self._lock:
+            written = self._written.get(_object_key(obj))
+        return written is not None and resource_version(written) == resource_version(obj) >= 0
+
     def deleted(self, kind: str, namespace: str, name: str) -> None:
         key = (kind, namespace, name)
         with self._lock:

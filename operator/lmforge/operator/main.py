@@ -214,6 +214,8 @@ class Operator:
             meta = obj["metadata"]
             if type_ == "DELETED":
                 self.dispatch.forget(kind, meta["namespace"], meta["name"])
+            elif self.dispatch.cache.own_write(obj):
+                return  # the echo of our own status write
             else:  # what the first listing finds waits behind what happens since
                 self.queue.add(
                     (kind, meta["namespace"], meta["name"]), later=not self.started.is_set()
@@ -227,6 +229,8 @@ class Operator:
             self.dispatch.cache.saw_deleted(obj)  # applied again by the reconcile it queues
         if owner is None or owner[0] not in MANAGED_KINDS:
             return
+        if type_ != "DELETED" and self.dispatch.cache.own_write(obj):
+            return  # the echo of our own apply
         if obj.get("kind") == "Pod" and _disrupted(obj):
             try:
                 self.dispatch.note_disruption(*owner, obj)
