@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Container
 from typing import Any
 
+from kubernetes import client
 from kubernetes import config as kube_config
 from lmforge.operator.cache import (
     PODS_INDEX,
@@ -131,6 +132,13 @@ WORKERS = 8  # reconciles at once (they wait on the API server more than they co
 SELECTOR = f"{LABEL_KIND},{LABEL_NAME}"  # children of our jobs: both labels present
 
 
+def connections(namespaces: int) -> int:
+    """HTTP connections the operator keeps open: one per watch (held while it streams), one
+    per worker, and a few for the resync, the Lease and listings. Fewer, and urllib3 opens
+    and closes a connection (a TLS handshake on both sides) for most requests in a burst."""
+    return namespaces * (len(MANAGED_KINDS) + len(CHILD_KINDS)) + WORKERS + 4
+
+
 class Operator:
     """The watches of every namespace watched (or of all), the work queue and its workers,
     and the resync. `run` blocks until `stop` is set."""
@@ -155,12 +163,7 @@ class Operator:
             for kind in MANAGED_KINDS
         ]
         children: dict[str, list[Watch]] = {}
-        for kind, group in (
-            ("Job", owner_key),
-            ("Pod", owner_key),
-            ("ConfigMap", _report_owner),  # the reports only; not the run configs
-            ("Deployment", owner_key),  # serving: replicas becoming ready
-        ):
+        for kind, group in CHILD_KINDS.items():
             children[kind] = [
                 Watch(kube, kind, ns, group=group, on_event=self._on_child_event, selector=SELECTOR)
                 for ns in where
@@ -253,6 +256,15 @@ def _report_owner(obj: dict[str, Any]) -> Key | None:
     return key if key and obj["metadata"].get("name") == key[2] + REPORT_SUFFIX else None
 
 
+# The children the operator watches, and how each finds its job.
+CHILD_KINDS: dict[str, Callable[[dict[str, Any]], Key | None]] = {
+    "Job": owner_key,
+    "Pod": owner_key,
+    "ConfigMap": _report_owner,  # the reports only; not the run configs
+    "Deployment": owner_key,  # serving: replicas becoming ready
+}
+
+
 def _disrupted(pod: dict[str, Any]) -> bool:
     return any(
         c.get("type") == "DisruptionTarget" and c.get("status") == "True"
@@ -323,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
     metrics = OperatorMetrics()
-    kube = Kube(on_request=lambda method: metrics.api_requests.labels(method).inc())
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections(len(args.namespace or ()) or 1)
+    kube = Kube(
+        client.ApiClient(configuration),
+        on_request=lambda method: metrics.api_requests.labels(method).inc(),
+    )
     election = LeaderElection(kube, args.lease_namespace, args.identity)
     operator: Operator | None = None
     # Ready: a standby (waiting for the Lease) is ready to take over; a leader once its

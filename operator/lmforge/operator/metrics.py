@@ -111,7 +111,11 @@ class OperatorMetrics:
             self.gpu_hours.labels(kind)
             for reason in RESTART_REASONS:
                 self.restarts.labels(kind, reason)
+        for kind, phases in PHASES_BY_KIND.items():  # zero series for every kind and phase
+            for phase in phases:
+                self.jobs.labels(kind, phase).set(0)
         self._phases: dict[tuple[str, str, str], str] = {}
+        self._counts: Tally[tuple[str, str]] = Tally()  # jobs by (kind, phase)
         self._adapters: dict[tuple[str, str], dict[str, str]] = {}
         self._gpu_seen: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
@@ -132,19 +136,22 @@ class OperatorMetrics:
     def record_phase(self, kind: str, namespace: str, name: str, phase: str) -> None:
         with self._lock:
             previous = self._phases.get((kind, namespace, name))
-            if previous is not None and previous != phase:
+            if previous == phase:
+                return
+            if previous is not None:
                 self.job_phase.remove(kind, namespace, name, previous)
+                self._count(kind, previous, -1)
             self._phases[(kind, namespace, name)] = phase
             self.job_phase.labels(kind, namespace, name, phase).set(1)
-            self._refresh()
+            self._count(kind, phase, +1)
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
             previous = self._phases.pop((kind, namespace, name), None)
             if previous is not None:
                 self.job_phase.remove(kind, namespace, name, previous)
+                self._count(kind, previous, -1)
             self._gpu_seen.pop((kind, namespace, name), None)
-            self._refresh()
         if kind == SERVICE_KIND:
             self.record_adapters(namespace, name, {})
 
@@ -160,11 +167,10 @@ class OperatorMetrics:
             if states:
                 self._adapters[(namespace, name)] = dict(states)
 
-    def _refresh(self) -> None:
-        counts = Tally((k, p) for (k, _, _), p in self._phases.items())
-        for kind, phases in PHASES_BY_KIND.items():  # zero series for every kind and phase
-            for phase in phases:
-                self.jobs.labels(kind, phase).set(counts.get((kind, phase), 0))
+    def _count(self, kind: str, phase: str, change: int) -> None:
+        """Jobs by kind and phase, kept as phases change (not recounted per reconcile)."""
+        self._counts[(kind, phase)] += change
+        self.jobs.labels(kind, phase).set(self._counts[(kind, phase)])
 
     def observe_finished(self, kind: str, phase: str, created: str | None) -> None:
         started = timestamps.parse(created)
