@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Container
 from typing import Any
 
-from kubernetes import client
 from kubernetes import config as kube_config
 from lmforge.operator.cache import (
     PODS_INDEX,
@@ -130,13 +129,6 @@ class Dispatch:
 
 WORKERS = 8  # reconciles at once (they wait on the API server more than they compute)
 SELECTOR = f"{LABEL_KIND},{LABEL_NAME}"  # children of our jobs: both labels present
-
-
-def connections(namespaces: int) -> int:
-    """HTTP connections the operator keeps open: one per watch (held while it streams), one
-    per worker, and a few for the resync, the Lease and listings. Fewer, and urllib3 opens
-    and closes a connection (a TLS handshake on both sides) for most requests in a burst."""
-    return namespaces * (len(MANAGED_KINDS) + len(CHILD_KINDS)) + WORKERS + 4
 
 
 class Operator:
@@ -335,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
     metrics = OperatorMetrics()
-    configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = connections(len(args.namespace or ()) or 1)
-    kube = Kube(
-        client.ApiClient(configuration),
-        on_request=lambda method: metrics.api_requests.labels(method).inc(),
-    )
+    kube = Kube(on_request=lambda method: metrics.api_requests.labels(method).inc())
     election = LeaderElection(kube, args.lease_namespace, args.identity)
     operator: Operator | None = None
     # Ready: a standby (waiting for the Lease) is ready to take over; a leader once its
