@@ -68,7 +68,7 @@ lint: install
 bench: install
 	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.operator_scale --jobs 1000 --steady-seconds 5 --settle-seconds 10
-	$(PY) -m benchmarks.trainer_overhead --steps 100 --repeats 8
+	$(PY) -m benchmarks.trainer_overhead --steps 100 --repeats 16
 	$(PY) -m benchmarks.data_loading --sizes 200000 2000000 --baseline-max 200000
 
 # Peak GPU memory per distributed strategy (ZeRO-2/3/offload, QLoRA 4/8-bit), and training

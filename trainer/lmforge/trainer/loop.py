@@ -28,7 +28,7 @@ from lmforge.api.runconfig import RunConfig
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = {
-    "adamw": "adamw_torch",
+    "adamw": "adamw_torch_fused",  # transformers' own default; the for-loop form is slower
     "adamw-8bit": "adamw_bnb_8bit",
     "paged-adamw-8bit": "paged_adamw_8bit",
     "adafactor": "adafactor",
