@@ -116,6 +116,38 @@ def test_unchanged_apply_is_skipped_until_changed_deleted_or_stale() -> None:
     assert not cache.unchanged(job)
 
 
+def test_a_job_is_not_rendered_again_until_its_inputs_change_a_child_goes_or_it_is_stale() -> None:
+    clock = Clock()
+    cache = cache_with({}, clock)
+    job, report = obj("Job", "demo-0", 1), obj("ConfigMap", "demo-report", 2)
+    assert not cache.children_current(KEY, "inputs-1")
+    cache.applied(job)
+    cache.rendered(KEY, "inputs-1", [job, report])  # the report never applied: not current
+    assert not cache.children_current(KEY, "inputs-1")
+    clock.now = 10
+    cache.applied(report)
+    cache.rendered(KEY, "inputs-1", [job, report])
+    assert cache.children_current(KEY, "inputs-1")
+    assert not cache.children_current(KEY, "inputs-2")  # e.g. a label or the attempt changed
+    clock.now = 59  # stale by the oldest child's apply (at 0), not the newest's
+    assert cache.children_current(KEY, "inputs-1")
+    clock.now = 61
+    assert not cache.children_current(KEY, "inputs-1")
+    cache.applied(job)
+    cache.rendered(KEY, "inputs-1", [job, report])  # report applied at 10: current till 70
+    assert cache.children_current(KEY, "inputs-1")
+    cache.saw_deleted(report)  # out of band: render and apply again
+    assert not cache.children_current(KEY, "inputs-1")
+    cache.applied(report)
+    cache.rendered(KEY, "inputs-1", [job, report])
+    cache.deleted("Job", "ns", "demo-0")  # by us
+    assert not cache.children_current(KEY, "inputs-1")
+    cache.applied(job)
+    cache.rendered(KEY, "inputs-1", [job, report])
+    cache.forget(KEY)
+    assert not cache.children_current(KEY, "inputs-1")
+
+
 def test_pods_by_attempt_and_report_by_name() -> None:
     pods = {
         KEY: [

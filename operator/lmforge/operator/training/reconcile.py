@@ -20,7 +20,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from lmforge.operator import timestamps
-from lmforge.operator.cache import ClusterCache
+from lmforge.operator.cache import ClusterCache, digest
 from lmforge.operator.kube import Kube
 from lmforge.operator.metrics import OperatorMetrics
 from lmforge.operator.ownership import LABEL_ATTEMPT
@@ -104,6 +104,7 @@ class Reconciler:
         attempt = int(status.get("restarts", 0))
         dependencies, model_uris = self._resolve_models(job, namespace)
         target = TrainingTarget(job, namespace, meta["uid"], model_uris, attempt, self.settings)
+        inputs = render_inputs(body, model_uris, attempt)
         claims: dict[str, bool] | None = None  # known once every model reference resolved
         if all(model_uris.values()):
             try:
@@ -155,7 +156,11 @@ class Reconciler:
                 if report is not None:
                     present.add(("ConfigMap", report_name(target)))
                 self._apply(
-                    target, workload_suspended=None, observed_workload=current, present=present
+                    target,
+                    workload_suspended=None,
+                    observed_workload=current,
+                    present=present,
+                    inputs=inputs,
                 )
                 if current is None:
                     # The Job exists now, as the apply returned it: the one status write
@@ -288,9 +293,11 @@ class Reconciler:
         workload_suspended: bool | None,
         present: set[tuple[str, str]],
         observed_workload: dict[str, Any] | None = None,
+        inputs: str | None = None,
     ) -> None:
         """Apply the children whose rendered form changed since this process applied them
-        (all of them after a restart; any the watches no longer show).
+        (all of them after a restart; any the watches no longer show). With the render
+        `inputs` of the last such pass and both watched children present, not even a render.
 
         When the Job exists, its `suspend` is Kueue's to decide: we carry the value we read
         back, locked to the version we read it from, so a stale read can never re-suspend a
@@ -299,7 +306,14 @@ class Reconciler:
         if observed_workload is not None:
             workload_suspended = observed_workload["spec"].get("suspend")
         report = ("ConfigMap", report_name(target))
-        for obj in render_children(target, workload_suspended=workload_suspended).objects:
+        job = (target.kind, target.namespace, target.name)
+        if inputs is not None:
+            inputs = digest({"inputs": inputs, "suspended": workload_suspended})
+            watched_present = {("Job", workload_name(target)), report} <= present
+            if watched_present and self.cache.children_current(job, inputs):
+                return
+        children = render_children(target, workload_suspended=workload_suspended).objects
+        for obj in children:
             key = (obj["kind"], obj["metadata"]["name"])
             watched = obj["kind"] == "Job" or key == report
             if (not watched or key in present) and self.cache.unchanged(obj):
@@ -318,6 +332,8 @@ class Reconciler:
             self.cache.applied(obj)  # the rendered form, without the version lock
             if watched:
                 self.cache.wrote(applied)
+        if inputs is not None:
+            self.cache.rendered(job, inputs, children)
 
     def _delete_other_attempts(
         self, namespace: str, attempt: int, workloads: list[dict[str, Any]]
@@ -331,3 +347,12 @@ class Reconciler:
 
 def gpus_requested(spec: TrainingJobSpec) -> int:
     return int(spec.distributed.nodes * spec.distributed.gpus_per_node)
+
+
+def render_inputs(body: dict[str, Any], model_uris: dict[str, str], attempt: int) -> str:
+    """A digest of everything a job's children are rendered from besides the operator's
+    settings: the job without its status and resourceVersion (spec, labels, uid, ...), the
+    resolved model URIs and the attempt."""
+    meta = {k: v for k, v in body["metadata"].items() if k != "resourceVersion"}
+    job = {k: v for k, v in body.items() if k not in ("status", "metadata")}
+    return digest({"job": job, "metadata": meta, "models": model_uris, "attempt": attempt})
