@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lmforge.trainer.data.tokenization import IGNORE
 
@@ -51,31 +52,30 @@ class DataCollator:
         """Collate records (lists or tensors of ints) into a batch of tensors."""
         if self.padding_free and "position_ids" in features[0]:
             return self._flattened(features)
-        rows = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
-        lengths = [len(row) for row in rows]
+        # Rows are filled in numpy (a slice assignment per row costs a microsecond; torch's
+        # indexing costs several), then handed to torch without a copy.
+        lengths = [len(f["input_ids"]) for f in features]
         width = max(lengths)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        for i, (feature, row) in enumerate(zip(features, rows, strict=True)):
-            input_ids[i, : len(row)] = row
-            labels[i, : len(row)] = torch.as_tensor(feature.get("labels", row), dtype=torch.long)
-        batch = {"input_ids": input_ids, "labels": labels}
-
-        if "position_ids" not in features[0]:
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, length in enumerate(lengths):
-                attention_mask[i, :length] = 1
-            batch["attention_mask"] = attention_mask
+        shape = (len(features), width)
+        input_ids = np.full(shape, self.pad_token_id, dtype=np.int64)
+        labels = np.full(shape, IGNORE, dtype=np.int64)
+        positions = np.zeros(shape, dtype=np.int64) if "position_ids" in features[0] else None
+        for i, (feature, length) in enumerate(zip(features, lengths, strict=True)):
+            input_ids[i, :length] = feature["input_ids"]
+            labels[i, :length] = feature["labels"] if "labels" in feature else feature["input_ids"]
+            if positions is not None:
+                positions[i, :length] = feature["position_ids"]
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if positions is None:
+            filled = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+            batch["attention_mask"] = torch.from_numpy(filled.astype(np.int64))
             return batch
 
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, feature in enumerate(features):
-            position_ids[i, : lengths[i]] = torch.as_tensor(feature["position_ids"])
+        position_ids = torch.from_numpy(positions)
         batch["position_ids"] = position_ids
-        batch["labels"] = labels.masked_fill(record_starts(position_ids, lengths), IGNORE)
+        batch["labels"] = batch["labels"].masked_fill(record_starts(position_ids, lengths), IGNORE)
         batch["attention_mask"] = block_causal_mask(position_ids, lengths, self.mask_dtype)
         return batch
 
