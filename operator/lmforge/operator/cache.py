@@ -115,6 +115,7 @@ class ClusterCache:
         self._sources: dict[str, Sequence[Source]] = {}
         self._lock = threading.Lock()
         self._written: dict[ObjectKey, dict[str, Any]] = {}  # our writes the watch may lag
+        self._written_children: dict[Key, set[ObjectKey]] = {}  # of _written, by their job
         self._deleted: dict[ObjectKey, float] = {}  # deleted by us, until the watch agrees
         self._applied: dict[ObjectKey, tuple[str, float]] = {}  # digest, when
         self._rendered: dict[Key, tuple[str, float]] = {}  # render inputs, oldest apply
@@ -132,7 +133,7 @@ class ClusterCache:
         with self._lock:
             written = self._written.get(key)
             if written is not None and resource_version(written) <= resource_version(obj):
-                del self._written[key]
+                self._drop_written(key)
             self._deleted.pop(key, None)
             self._applied.pop(key, None)
             owner = owner_key(obj)
@@ -146,7 +147,11 @@ class ClusterCache:
             return
         key = _object_key(obj)
         with self._lock:
-            self._written[key] = slim(obj)
+            self._drop_written(key)
+            self._written[key] = slimmed = slim(obj)
+            owner = owner_key(slimmed)
+            if owner is not None:
+                self._written_children.setdefault(owner, set()).add(key)
             self._deleted.pop(key, None)
 
     def own_write(self, obj: Mapping[str, Any]) -> bool:
@@ -159,7 +164,7 @@ class ClusterCache:
     def deleted(self, kind: str, namespace: str, name: str) -> None:
         key = (kind, namespace, name)
         with self._lock:
-            self._written.pop(key, None)
+            self._drop_written(key)
             self._applied.pop(key, None)
             self._deleted[key] = self.clock()
             for job in [job for job in self._rendered if _belongs(key, job)]:
@@ -198,9 +203,9 @@ class ClusterCache:
     def forget(self, key: Key) -> None:
         """Drop what we remember of a deleted training job and its children."""
         with self._lock:
-            self._written.pop(key, None)
-            for k in [k for k, v in self._written.items() if owner_key(v) == key]:
-                del self._written[k]
+            self._drop_written(key)
+            for k in self._written_children.pop(key, set()):
+                self._written.pop(k, None)
             for k in [k for k in self._applied if _belongs(k, key)]:
                 del self._applied[k]
             self._rendered.pop(key, None)
@@ -251,7 +256,7 @@ class ClusterCache:
                 and seen is not None
                 and resource_version(seen) >= resource_version(written)
             ):
-                del self._written[key]  # the watch caught up
+                self._drop_written(key)  # the watch caught up
                 return seen
             return newer(seen, written)
 
@@ -261,9 +266,9 @@ class ClusterCache:
         by_name = {str(o["metadata"]["name"]): o for o in seen}
         with self._lock:
             mine = {
-                k[2]: v
-                for k, v in self._written.items()
-                if k[0] == child_kind and owner_key(v) == owner
+                k[2]: self._written[k]
+                for k in self._written_children.get(owner, ())
+                if k[0] == child_kind
             }
         out = []
         for name in sorted(set(by_name) | set(mine)):
@@ -271,6 +276,16 @@ class ClusterCache:
             if merged is not None:
                 out.append(merged)
         return out
+
+    def _drop_written(self, key: ObjectKey) -> None:
+        """Forget our copy of `key` (the lock held)."""
+        written = self._written.pop(key, None)
+        owner = owner_key(written) if written is not None else None
+        if owner is not None:
+            children = self._written_children.get(owner, set())
+            children.discard(key)
+            if not children:
+                self._written_children.pop(owner, None)
 
     def _expired_tombstone(self, key: ObjectKey) -> bool:
         return self.clock() - self._deleted[key] > self.reapply_seconds
