@@ -664,16 +664,12 @@ class _Split:
             longest_dropped_prompt=int(prompt[dropped].max()) if dropped.any() else 0,
             percentiles=percentiles(lengths),
         )
-        kept = order[~dropped]
+        records = OnDisk(tokens.files, order[~dropped], ["input_ids", "labels"])
         if spec.packing:
-            records = OnDisk(tokens.files, kept, ["input_ids", "labels"])
             path = self.cache_dir / f"{name}-packed.arrow"
             stats.update(_write_packed(records.open(), path, spec.max_seq_length))
-            return OnDisk([str(path)]), stats
-        # Unpacked records in file order: the Trainer's sampler shuffles them anyway, and
-        # with nothing held out, dropped or weighted they are one contiguous slice of the
-        # token files, which the Trainer then reads without an index map.
-        return OnDisk(tokens.files, np.sort(kept), ["input_ids", "labels"]), stats
+            records = OnDisk([str(path)])
+        return records, stats
 
 
 def _as_numpy(column: Any) -> np.ndarray:
