@@ -313,6 +313,7 @@ class Reconciler:
             if watched_present and self.cache.children_current(job, inputs):
                 return
         children = render_children(target, workload_suspended=workload_suspended).objects
+        complete = True  # every child is now as rendered
         for obj in children:
             key = (obj["kind"], obj["metadata"]["name"])
             watched = obj["kind"] == "Job" or key == report
@@ -328,11 +329,12 @@ class Reconciler:
                 if err.status != 409 or sent is obj:
                     raise
                 log.info("Job %s changed since it was read; next event applies", key[1])
+                complete = False
                 continue
             self.cache.applied(obj)  # the rendered form, without the version lock
             if watched:
                 self.cache.wrote(applied)
-        if inputs is not None:
+        if inputs is not None and complete:
             self.cache.rendered(job, inputs, children)
 
     def _delete_other_attempts(
