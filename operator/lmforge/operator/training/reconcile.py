@@ -104,7 +104,6 @@ class Reconciler:
         attempt = int(status.get("restarts", 0))
         dependencies, model_uris = self._resolve_models(job, namespace)
         target = TrainingTarget(job, namespace, meta["uid"], model_uris, attempt, self.settings)
-        inputs = render_inputs(body, model_uris, attempt)
         claims: dict[str, bool] | None = None  # known once every model reference resolved
         if all(model_uris.values()):
             try:
@@ -160,7 +159,7 @@ class Reconciler:
                     workload_suspended=None,
                     observed_workload=current,
                     present=present,
-                    inputs=inputs,
+                    inputs=render_inputs(body, model_uris, attempt),
                 )
                 if current is None:
                     # The Job exists now, as the apply returned it: the one status write
