@@ -139,3 +139,25 @@ def test_the_resync_leaves_jobs_waiting_in_the_queue_to_the_workers() -> None:
     assert queue.take(0) == KEY_A and KEY_A not in queue
     assert dispatch.stale(10, waiting=queue) == [KEY_A]
     assert sorted(dispatch.stale(0)) == [KEY_A, KEY_B]  # nothing is fresh for 0 s
+
+
+def test_a_resync_queues_stale_jobs_behind_what_events_brought() -> None:
+    """Under a backlog (a thousand jobs created at once) a resync must not reconcile beside
+    the workers: it queues the stale jobs behind the new ones, and an event moves one ahead."""
+    from lmforge.operator.kube import Kube
+    from lmforge.operator.main import Operator
+
+    fake = SlowReconciler()
+    fake.release.set()
+    dispatch = dispatch_with(fake)
+    key_c, key_d = ("FinetuneJob", "ml", "c"), ("FinetuneJob", "ml", "d")
+    known = [KEY_A, KEY_B, key_c]
+    dispatch.cache.known = lambda indexes: list(known)  # type: ignore[method-assign]
+    operator = Operator(Kube(), dispatch, ["ml"], 10, threading.Event())
+    operator.queue.add(key_c)  # an event: the job was just created
+    operator.resync()
+    operator.resync()  # the stale jobs wait once
+    operator.queue.add(key_d)  # created meanwhile: ahead of the resync's
+    operator.queue.add(KEY_B)  # an event for a stale job: it goes ahead too
+    assert fake.runs == []  # the resync reconciled nothing itself
+    assert [operator.queue.take(0) for _ in range(5)] == [key_c, key_d, KEY_B, KEY_A, None]

@@ -195,14 +195,16 @@ class Operator:
             log.exception("reconcile of %s %s/%s failed; will retry", *key)
 
     def _resync_forever(self) -> None:
-        """Every object not reconciled for resync_seconds (deadlines, waits on other jobs,
-        anything no event announces), one at a time, beside the workers."""
         while not self.stop.wait(min(1.0, self.resync_seconds / 4)):
-            for key in self.dispatch.stale(self.resync_seconds, waiting=self.queue):
-                if self.stop.is_set():
-                    return
-                if key not in self.queue:  # an event may have queued it since
-                    self._reconcile(key)
+            self.resync()
+
+    def resync(self) -> None:
+        """Queue every object not reconciled for resync_seconds (deadlines, waits on other
+        jobs, anything no event announces) behind what events brought: under a backlog (a
+        thousand jobs created at once) the workers reach it after the new work, rather than
+        a resync thread reconciling beside them, and an event moves it ahead."""
+        for key in self.dispatch.stale(self.resync_seconds, waiting=self.queue):
+            self.queue.add(key, later=True)
 
     def _on_job_event(self, kind: str) -> Callable[[str, dict[str, Any]], None]:
         def on_event(type_: str, obj: dict[str, Any]) -> None:
