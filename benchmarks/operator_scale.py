@@ -145,6 +145,15 @@ class JobWatch(threading.Thread):
         finally:
             self.stop.set()
 
+    def timeline(self, started: float) -> dict[str, float]:
+        """Seconds from `started` until 10, 50, 90, 99 and 100 % of the jobs' first objects
+        appeared: a slow start or a long tail shows here, not in the last one alone."""
+        times = sorted(self.seen.values())
+        return {
+            f"{round(q * 100)}%": round(times[max(0, int(q * len(times)) - 1)] - started, 1)
+            for q in (0.1, 0.5, 0.9, 0.99, 1.0)
+        }
+
 
 def create_namespace(kube: Kube, name: str) -> None:
     kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": name}})
@@ -179,7 +188,15 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
         "cpu_seconds_by_program": cpu_since(cpu),
         "control_plane_before": idle,
     }
-    return result | {"pods_seconds": pods.wait_for(jobs, timeout=1800) - started}
+    return result | pods_and_timeline(seen, pods, started, jobs)
+
+
+def pods_and_timeline(seen: JobWatch, pods: JobWatch, started: float, jobs: int) -> dict[str, Any]:
+    """Once every job's first pod exists: when it did, and both watches' timelines."""
+    return {
+        "pods_seconds": pods.wait_for(jobs, timeout=3600) - started,
+        "timeline": {"Jobs": seen.timeline(started), "pods": pods.timeline(started)},
+    }
 
 
 def watch_first(namespace: str, selector: str) -> tuple[JobWatch, JobWatch]:
@@ -392,7 +409,7 @@ def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
         "cpu_seconds_by_program": cpu_since(cpu),
         "control_plane_before": idle,
     }
-    return result | {"pods_seconds": pods.wait_for(jobs, timeout=3600) - started}
+    return result | pods_and_timeline(seen, pods, started, jobs)
 
 
 def steady(
@@ -561,6 +578,13 @@ def operator_phases(
         ("operator: all child Jobs exist (s)", f"{burst_result['seconds']:.1f}"),
         ("  ratio to floor (goal <= 1.5)", f"{ratio:.2f}"),
         ("  of which creating the FinetuneJobs (s)", f"{burst_result['create_seconds']:.1f}"),
+        (
+            "half / 90 % of the Jobs exist: floor; operator (s)",
+            "; ".join(
+                f"{r['timeline']['Jobs']['50%']} / {r['timeline']['Jobs']['90%']}"
+                for r in (floor_result, burst_result)
+            ),
+        ),
         (
             "every job's first pod exists: floor / operator (s)",
             f"{floor_result['pods_seconds']:.1f} / {burst_result['pods_seconds']:.1f}",

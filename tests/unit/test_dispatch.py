@@ -161,3 +161,24 @@ def test_a_resync_queues_stale_jobs_behind_what_events_brought() -> None:
     operator.queue.add(KEY_B)  # an event for a stale job: it goes ahead too
     assert fake.runs == []  # the resync reconciled nothing itself
     assert [operator.queue.take(0) for _ in range(5)] == [key_c, key_d, KEY_B, KEY_A, None]
+
+
+def test_jobs_no_operator_acted_on_go_ahead_of_the_rest_found_at_start() -> None:
+    """A fresh operator finds a thousand jobs: those it already reconciled (their status
+    observed their generation) wait behind one created or changed while none ran."""
+    from lmforge.operator.kube import Kube
+    from lmforge.operator.main import Operator
+
+    operator = Operator(Kube(), dispatch_with(SlowReconciler()), ["ml"], 10, threading.Event())
+    on_event = operator._on_job_event("FinetuneJob")
+
+    def job(name: str, generation: int, status: dict[str, Any] | None) -> dict[str, Any]:
+        meta = {"namespace": "ml", "name": name, "generation": generation}
+        return {"metadata": meta} | ({"status": status} if status is not None else {})
+
+    on_event("ADDED", job("a", 1, {"phase": "Running", "observedGeneration": 1}))
+    on_event("ADDED", job("b", 1, None))  # created while no operator ran
+    on_event("ADDED", job("c", 2, {"phase": "Running", "observedGeneration": 1}))  # changed
+    on_event("ADDED", job("d", 1, {"phase": "Succeeded", "observedGeneration": 1}))
+    taken = [operator.queue.take(0) for _ in range(5)]
+    assert taken == [KEY_B, ("FinetuneJob", "ml", "c"), KEY_A, ("FinetuneJob", "ml", "d"), None]

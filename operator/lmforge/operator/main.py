@@ -213,10 +213,10 @@ class Operator:
                 self.dispatch.forget(kind, meta["namespace"], meta["name"])
             elif self.dispatch.cache.own_write(obj):
                 return  # the echo of our own status write
-            else:  # what the first listing finds waits behind what happens since
-                self.queue.add(
-                    (kind, meta["namespace"], meta["name"]), later=not self.started.is_set()
-                )
+            else:  # what the first listing finds waits behind what happens since,
+                # unless no operator has acted on it yet (created or changed meanwhile)
+                later = not self.started.is_set() and _acted_on(obj)
+                self.queue.add((kind, meta["namespace"], meta["name"]), later=later)
 
         return on_event
 
@@ -234,6 +234,13 @@ class Operator:
             except Exception:
                 log.exception("could not record a disruption on %s/%s", *owner[1:])
         self.queue.add(owner, later=not self.started.is_set())
+
+
+def _acted_on(job: dict[str, Any]) -> bool:
+    """Whether an operator has reconciled this spec of the job: its status observed the
+    job's generation. A job created or changed while no operator ran has not been."""
+    observed = (job.get("status") or {}).get("observedGeneration")
+    return observed is not None and observed == job["metadata"].get("generation")
 
 
 def _own_key(kind: str) -> Callable[[dict[str, Any]], Key]:
