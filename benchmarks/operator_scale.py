@@ -102,9 +102,7 @@ class JobWatch(threading.Thread):
     appeared, from a watch. Plain JSON, not the client's models: decoding a model costs
     milliseconds an event, which the observer would take from the phase it times."""
 
-    def __init__(
-        self, namespace: str, selector: str = f"{LABEL_KIND}=FinetuneJob", pods: bool = False
-    ) -> None:
+    def __init__(self, namespace: str, selector: str, pods: bool) -> None:
         super().__init__(daemon=True)
         self.path = collection_path("Pod" if pods else "Job", namespace)
         self.selector, self.what = selector, "pods" if pods else "Jobs"
@@ -173,7 +171,8 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
         for i in range(jobs)
         for obj in rendered_children(finetune_job(f"job-{i:04d}"), namespace)
     ]
-    seen, pods = watch_first(namespace, LABEL_NAME)
+    # the floor's children carry the job's name but not its kind
+    seen, pods = watch_first(namespace, LABEL_NAME), watch_first(namespace, LABEL_NAME, True)
     idle = settle()
     started, cpu, requests = time.monotonic(), cpu_by_program(), served(kube)
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -199,13 +198,14 @@ def pods_and_timeline(seen: JobWatch, pods: JobWatch, started: float, jobs: int)
     }
 
 
-def watch_first(namespace: str, selector: str) -> tuple[JobWatch, JobWatch]:
-    """Watches of when each job's first Job and first pod appeared, both listed."""
-    watches = JobWatch(namespace, selector), JobWatch(namespace, selector, pods=True)
-    for each in watches:
-        each.start()
-        each.ready.wait(30)
-    return watches
+def watch_first(
+    namespace: str, selector: str = f"{LABEL_KIND}=FinetuneJob", pods: bool = False
+) -> JobWatch:
+    """A watch of when each job's first Job (or pod) appeared, started and listed."""
+    watch = JobWatch(namespace, selector, pods)
+    watch.start()
+    watch.ready.wait(30)
+    return watch
 
 
 class Operator:
@@ -248,9 +248,10 @@ class Operator:
         except OSError:
             return None
 
-    def requests(self) -> float:
+    def total(self, counter: str = "lmforge_api_requests_total") -> float:
+        """A counter of the operator's metrics, summed over its labels (API requests)."""
         text = self._get("/metrics") or ""
-        found = re.findall(r"^lmforge_api_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+        found = re.findall(rf"^{counter}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M)
         return sum(float(v) for v in found)
 
     def rss_bytes(self, field: str = "VmRSS") -> int:
@@ -356,9 +357,7 @@ def restart(kube: Kube, kubeconfig: Path, log: Path, resync_seconds: float) -> d
     it acts on one new job."""
     namespace = f"bench-restart-{os.getpid()}"
     create_namespace(kube, namespace)
-    seen = JobWatch(namespace)
-    seen.start()
-    seen.ready.wait(30)
+    seen = watch_first(namespace)
     started = time.monotonic()
     operator = Operator(kubeconfig, log, resync_seconds, [])
     try:
@@ -390,9 +389,10 @@ BURST_NAMESPACE, STEADY_NAMESPACE = f"bench-burst-{os.getpid()}", f"bench-steady
 
 def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
     namespace = BURST_NAMESPACE
-    seen, pods = watch_first(namespace, f"{LABEL_KIND}=FinetuneJob")
+    seen, pods = watch_first(namespace), watch_first(namespace, pods=True)
     idle = settle()
-    before, cpu_before, cpu = operator.requests(), operator.cpu_seconds(), cpu_by_program()
+    before, cpu_before, cpu = operator.total(), operator.cpu_seconds(), cpu_by_program()
+    reconciles = operator.total("lmforge_reconcile_total")
     requests = served(kube)
     started = time.monotonic()
     create_jobs(kube, namespace, [f"job-{i:04d}" for i in range(jobs)])
@@ -402,7 +402,8 @@ def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
         "namespace": namespace,
         "seconds": last - started,
         "create_seconds": created,
-        "requests_per_job": (operator.requests() - before) / jobs,
+        "requests_per_job": (operator.total() - before) / jobs,
+        "reconciles_per_job": (operator.total("lmforge_reconcile_total") - reconciles) / jobs,
         "served_per_job": served_since(kube, requests, jobs),
         # against "seconds": near 1.0 the operator's one interpreter is the bottleneck
         "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
@@ -416,10 +417,8 @@ def steady(
     kube: Kube, operator: Operator, rate: float, seconds: float, settle: float
 ) -> dict[str, Any]:
     namespace = STEADY_NAMESPACE
-    seen = JobWatch(namespace)
-    seen.start()
-    seen.ready.wait(30)
-    before = operator.requests()
+    seen = watch_first(namespace)
+    before = operator.total()
     path = collection_path("FinetuneJob", namespace)
     created: dict[str, float] = {}
     count = int(rate * seconds)
@@ -450,7 +449,7 @@ def steady(
         "max_seconds": latencies[-1],
         "phases": phases(kube, namespace),
         "settle_seconds": settle,
-        "requests_per_job_lifecycle": (operator.requests() - before) / count,
+        "requests_per_job_lifecycle": (operator.total() - before) / count,
     }
 
 
