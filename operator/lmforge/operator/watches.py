@@ -188,9 +188,9 @@ class Gone(Exception):
 
 class WorkQueue:
     """Keys to reconcile, oldest first, each at most once while it waits. Keys added with
-    `later=True` (what an operator finds when it starts: every existing job, to repair
-    drift) wait behind the others, so a job created or changed meanwhile is not held up
-    by a thousand that are not new."""
+    `later=True` (the jobs an operator finds reconciled when it starts, to repair drift;
+    a resync's) wait behind the others, so a job created or changed meanwhile is not held
+    up by a thousand that are not new."""
 
     def __init__(self) -> None:
         self._now: dict[Key, None] = {}  # insertion-ordered
