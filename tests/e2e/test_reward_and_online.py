@@ -160,15 +160,23 @@ def test_raft_on_a_reward_model_job_improves_the_true_reward(
     runs: Path, reward_model: dict[str, Any]
 ) -> None:
     """The chain: SFT policy -> reward model -> RAFT scored by the reward model alone. The
-    task's true reward (weight 0, reported beside it) rises too, not only the learned one.
-    (GRPO on the same learned reward hacks it: 80 steps at beta 0 took the learned reward
-    from -5.1 to 3.9 while word accuracy fell from 0.31 to 0.06; best-of-8 selection among
-    the policy's own samples stays where the reward model is right.)"""
+    task's true reward (weight 0, reported beside it) of the policy's own samples rises with
+    the learned one, and the held-out true reward is not traded for it.
+
+    Measured (four rounds; the policy's samples' word accuracy by round, then the held-out
+    greedy one before -> after): 0.22 -> 0.30 and 0.308 -> 0.326 at learning rate 1e-3;
+    0.22 -> 0.30 and 0.308 -> 0.308 at 2e-3; 8 rounds 0.22 -> 0.32, 0.308 -> 0.320. Held out
+    the true reward moves by under 0.02 either way at these settings, box to box, so it is
+    checked only for not falling. Sampling at temperature 1.0 hacks the learned reward: its
+    samples stay at 0.14 and the held-out accuracy falls to 0.22; GRPO on the same learned
+    reward (80 steps at beta 0) took word accuracy from 0.31 to 0.06."""
     learned = {"name": "learned", "model": {"fromJob": {"kind": "AlignmentJob", "name": "reward"}}}
     spec = online_spec(
-        "raft", [learned, {**WORDS, "weight": 0}], learningRate=2e-3, batchSize={"perDevice": 32}
+        "raft", [learned, {**WORDS, "weight": 0}], learningRate=1e-3, batchSize={"perDevice": 32}
     )
     spec["method"] |= {"raft": {"iterations": 4}, "peft": {"type": "full"}}
     metrics = run(job("AlignmentJob", "raft-learned", spec, runs), runs)
     assert metrics["reward_after/learned"] > metrics["reward_before/learned"] + 1, metrics
-    assert metrics["reward_after/words"] > metrics["reward_before/words"], metrics
+    samples = [r["components"]["words"] for r in metrics["rounds"]]
+    assert samples[-1] > samples[0] + 0.05, samples
+    assert metrics["reward_after/words"] > metrics["reward_before/words"] - 0.02, metrics
