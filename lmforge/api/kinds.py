@@ -51,31 +51,23 @@ GLOBAL_BATCH_DIVISIBLE = Rule(
 )
 
 
-def immutable(*fields: str, optional: tuple[str, ...] = ()) -> tuple[Rule, ...]:
+def immutable(*fields: str) -> tuple[Rule, ...]:
     """Transition rules that reject changes to these spec fields once the object exists.
 
     A running job's pods cannot change (a Job's pod template is immutable), so every
     field that shapes them is immutable; `runPolicy` (suspend, deadlines, retries)
-    stays mutable on purpose. `optional` fields may be absent on either side.
+    stays mutable on purpose. A field may be absent (the server stores no defaults):
+    leaving it out or writing it is a change too.
     """
-    rules = [
-        Rule(
-            cel=f"self.{name} == oldSelf.{name}",
-            message=f"{name} is immutable; create a new job instead",
-            field=name,
-        )
-        for name in fields
-    ]
-    rules += [
+    return tuple(
         Rule(
             cel=f"has(self.{name}) == has(oldSelf.{name}) && "
             f"(!has(self.{name}) || self.{name} == oldSelf.{name})",
             message=f"{name} is immutable; create a new job instead",
             field=name,
         )
-        for name in optional
-    ]
-    return tuple(rules)
+        for name in fields
+    )
 
 
 _POD_SHAPING = ("evaluation", "resources", "scheduling", "checkpoint", "output")
@@ -264,7 +256,7 @@ class FinetuneJobSpec(TrainingJobSpec):
             "training",
             "distributed",
             *_POD_SHAPING,
-            optional=("image",),
+            "image",
         ),
     )
 
@@ -572,7 +564,7 @@ class AlignmentJobSpec(TrainingJobSpec):
             "distributed",
             "generation",
             *_POD_SHAPING,
-            optional=("image",),
+            "image",
         ),
     )
 

@@ -56,19 +56,21 @@ def test_valid_bases_accepted(crds: Kube, ns: str) -> None:
         assert proc.returncode == 0, proc.stderr
 
 
-def test_server_applies_schema_defaults(crds: Kube, ns: str) -> None:
-    obj = copy.deepcopy(BASE["FinetuneJob"]) | {"metadata": {"name": "defaults"}}
+def test_server_stores_the_job_as_written(crds: Kube, ns: str) -> None:
+    """No server-side defaults: the stored spec is what was applied (the operator applies
+    the models' defaults when it renders), `kubectl explain` names each default, and the
+    rules read an absent field as its default (gpusPerNode 1 lets ZeRO run 2 nodes)."""
+    obj = copy.deepcopy(BASE["FinetuneJob"]) | {"metadata": {"name": "as-written"}}
+    obj["spec"]["distributed"] = {"nodes": 2, "strategy": "zero3"}
     crds.apply(obj, "-n", ns)
-    spec = crds.get("finetunejob", "defaults", "-n", ns)["spec"]
-    assert spec["method"]["type"] == "lora"
-    assert spec["method"]["lora"] == {
-        "rank": 16,
-        "alpha": 32,
-        "dropout": 0.05,
-        "targetModules": ["all-linear"],
-    }
-    assert spec["distributed"]["gpusPerNode"] == 1
-    assert spec["runPolicy"]["backoffLimit"] == 3
+    assert crds.get("finetunejob", "as-written", "-n", ns)["spec"] == obj["spec"]
+    crds.apply(obj, "-n", ns)  # applying it again is no change
+    explained = " ".join(crds.run("explain", "finetunejob.spec.method", check=True).stdout.split())
+    assert 'Default: "lora"' in explained
+    no_gpus = copy.deepcopy(obj) | {"metadata": {"name": "zero-no-gpus"}}
+    no_gpus["spec"]["distributed"]["gpusPerNode"] = 0
+    proc = crds.server_dry_run(no_gpus, ns)
+    assert proc.returncode != 0 and "spec.distributed" in proc.stderr, proc.stderr
 
 
 def test_status_only_through_subresource(crds: Kube, ns: str) -> None:

@@ -58,10 +58,60 @@ def test_cel_rules_are_attached() -> None:
         for path, node in _walk(schema, "FinetuneJob")
         for rule in node.get("x-kubernetes-validations", [])
     }
-    assert (
-        rules["self.type == 'qlora' ? has(self.quantization) : true"] == "FinetuneJob.spec.method"
+    # written against the defaulted object; an absent field reads as the model's default
+    qlora = "(has(self.type) ? self.type : \"lora\") == 'qlora' ? has(self.quantization) : true"
+    assert rules[qlora] == "FinetuneJob.spec.method"
+    immutable = (
+        "has(self.model) == has(oldSelf.model) && (!has(self.model) || self.model == oldSelf.model)"
     )
-    assert rules["self.model == oldSelf.model"] == "FinetuneJob.spec"
+    assert rules[immutable] == "FinetuneJob.spec"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_server_stores_no_defaults(kind: str) -> None:
+    """Defaults are the models': none in the schema, each named in its description."""
+    schema = render_crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    nodes = dict(_walk(schema, kind))
+    assert not [path for path, node in nodes.items() if "default" in node]
+    if kind == "FinetuneJob":
+        assert nodes["FinetuneJob.spec.distributed.gpusPerNode"]["description"].endswith(
+            "Default: 1."
+        )
+
+
+def test_rules_read_absent_fields_as_their_defaults() -> None:
+    from lmforge.api.crds import _absent_safe
+
+    schema = {
+        "type": "object",
+        "required": ["a"],
+        "properties": {
+            "a": {"type": "object", "properties": {"n": {"type": "integer", "default": 2}}},
+            "b": {
+                "type": "object",
+                "default": {"x": 0.5},
+                "properties": {"x": {"type": "number"}, "y": {"type": "string"}},
+            },
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"f": {"type": "string", "default": "auto"}},
+                },
+            },
+        },
+    }
+    assert _absent_safe("self.a.n > 1", schema) == "(has(self.a.n) ? self.a.n : 2) > 1"
+    # a default inherited from the parent object's; has() still means "written"
+    assert _absent_safe("self.b.x < 1.0 && !has(self.b.y)", schema) == (
+        "((has(self.b) && has(self.b.x)) ? self.b.x : 0.5) < 1.0 && !(has(self.b) && has(self.b.y))"
+    )
+    assert _absent_safe("self.items.all(i, i.f == 'x.y')", schema) == (
+        "self.items.all(i, (has(i.f) ? i.f : \"auto\") == 'x.y')"
+    )
+    assert _absent_safe("has(self.b) && self.b == oldSelf.b", schema) == (
+        "has(self.b) && self.b == oldSelf.b"
+    )
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
