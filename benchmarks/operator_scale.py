@@ -163,7 +163,8 @@ def create_jobs(kube: Kube, namespace: str, names: list[str]) -> None:
         list(pool.map(lambda n: kube.request("POST", path, body=finetune_job(n)), names))
 
 
-def floor(kube: Kube, jobs: int) -> dict[str, Any]:
+def floor(kube: Kube, jobs: int, pods: bool = True) -> dict[str, Any]:
+    """The bare client's phase; `pods`: also wait until every job's first pod exists."""
     namespace = f"bench-floor-{os.getpid()}"
     create_namespace(kube, namespace)
     objects = [
@@ -172,7 +173,8 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
         for obj in rendered_children(finetune_job(f"job-{i:04d}"), namespace)
     ]
     # the floor's children carry the job's name but not its kind
-    seen, pods = watch_first(namespace, LABEL_NAME), watch_first(namespace, LABEL_NAME, True)
+    seen = watch_first(namespace, LABEL_NAME)
+    first_pods = watch_first(namespace, LABEL_NAME, True) if pods else None
     idle = settle()
     started, cpu, requests = time.monotonic(), cpu_by_program(), served(kube)
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -187,11 +189,16 @@ def floor(kube: Kube, jobs: int) -> dict[str, Any]:
         "cpu_seconds_by_program": cpu_since(cpu),
         "control_plane_before": idle,
     }
-    return result | pods_and_timeline(seen, pods, started, jobs)
+    return result | pods_and_timeline(seen, first_pods, started, jobs)
 
 
-def pods_and_timeline(seen: JobWatch, pods: JobWatch, started: float, jobs: int) -> dict[str, Any]:
-    """Once every job's first pod exists: when it did, and both watches' timelines."""
+def pods_and_timeline(
+    seen: JobWatch, pods: JobWatch | None, started: float, jobs: int
+) -> dict[str, Any]:
+    """The Jobs' timeline; with a watch of pods, once every job's first pod exists: when
+    it did, and the pods' timeline."""
+    if pods is None:
+        return {"timeline": {"Jobs": seen.timeline(started)}}
     return {
         "pods_seconds": pods.wait_for(jobs, timeout=3600) - started,
         "timeline": {"Jobs": seen.timeline(started), "pods": pods.timeline(started)},
@@ -387,9 +394,10 @@ def phases(kube: Kube, namespace: str) -> dict[str, int]:
 BURST_NAMESPACE, STEADY_NAMESPACE = f"bench-burst-{os.getpid()}", f"bench-steady-{os.getpid()}"
 
 
-def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
+def burst(kube: Kube, operator: Operator, jobs: int, pods: bool = True) -> dict[str, Any]:
     namespace = BURST_NAMESPACE
-    seen, pods = watch_first(namespace), watch_first(namespace, pods=True)
+    seen = watch_first(namespace)
+    first_pods = watch_first(namespace, pods=True) if pods else None
     idle = settle()
     before, cpu_before, cpu = operator.total(), operator.cpu_seconds(), cpu_by_program()
     reconciles = operator.total("lmforge_reconcile_total")
@@ -410,7 +418,7 @@ def burst(kube: Kube, operator: Operator, jobs: int) -> dict[str, Any]:
         "cpu_seconds_by_program": cpu_since(cpu),
         "control_plane_before": idle,
     }
-    return result | pods_and_timeline(seen, pods, started, jobs)
+    return result | pods_and_timeline(seen, first_pods, started, jobs)
 
 
 def steady(
@@ -464,7 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resync-seconds", type=float, default=10, help="the operator's (its default: 10)"
     )
-    parser.add_argument("--kubeconfig", type=Path, help="use this cluster (default: start one)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="floor/burst pairs, each phase on a fresh control plane, the order alternating "
+        "(the box's speed drifts); the goal is on their median ratio",
+    )
+    parser.add_argument(
+        "--kubeconfig", type=Path, help="use this cluster (default: start one; one round)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -525,7 +542,55 @@ def run(args: argparse.Namespace) -> int:
             floor_result["settled_after"] = settle()
     with control_plane(args.kubeconfig) as kubeconfig:
         kube = connect(kubeconfig)
-        return operator_phases(args, kube, kubeconfig, info, floor_result)
+        report, rows = operator_phases(args, kube, kubeconfig, info, floor_result)
+    rounds = [
+        {"floor_seconds": floor_result["seconds"], "burst_seconds": report["burst"]["seconds"]}
+    ]
+    for i in range(1, args.rounds if args.kubeconfig is None else 1):
+        print(f"round {i + 1} of {args.rounds} ({'burst' if i % 2 else 'floor'} first) ...")
+        rounds.append(another_round(args, burst_first=i % 2 == 1))
+    ratios = [r["burst_seconds"] / r["floor_seconds"] for r in rounds]
+    for r, ratio in zip(rounds, ratios, strict=True):
+        r["ratio"] = ratio
+    report["rounds"] = rounds
+    report["burst_ratio_median"] = statistics.median(ratios)
+    report["goals"] = {"burst_ratio_median": 1.5, "operator_peak_rss_bytes": 200 * 2**20}
+    rows[3:3] = [
+        ("  by round (floor / operator s: ratio)", "; ".join(_round(r) for r in rounds)),
+        ("  median of the rounds (goal <= 1.5)", f"{report['burst_ratio_median']:.2f}"),
+    ]
+    publish(report, args.out, f"operator_scale: {args.jobs} jobs", rows)
+    return 0
+
+
+def _round(r: dict[str, float]) -> str:
+    return f"{r['floor_seconds']:.1f} / {r['burst_seconds']:.1f}: {r['ratio']:.2f}"
+
+
+def another_round(args: argparse.Namespace, burst_first: bool) -> dict[str, float]:
+    """One more floor/burst pair, each on a fresh control plane; until the Jobs exist
+    (the first pair also waited for the pods)."""
+
+    def burst_seconds() -> float:
+        with control_plane(None) as kubeconfig:
+            kube = connect(kubeconfig)
+            create_namespace(kube, BURST_NAMESPACE)
+            log = ROOT / ".lmforge" / "bench-operator.log"
+            operator = Operator(kubeconfig, log, args.resync_seconds, [BURST_NAMESPACE])
+            try:
+                return float(burst(kube, operator, args.jobs, pods=False)["seconds"])
+            finally:
+                operator.stop()
+
+    def floor_seconds() -> float:
+        with control_plane(None) as kubeconfig:
+            return float(floor(connect(kubeconfig), args.jobs, pods=False)["seconds"])
+
+    if burst_first:
+        operator_time = burst_seconds()
+        return {"floor_seconds": floor_seconds(), "burst_seconds": operator_time}
+    floor_time = floor_seconds()
+    return {"floor_seconds": floor_time, "burst_seconds": burst_seconds()}
 
 
 def operator_phases(
@@ -534,7 +599,8 @@ def operator_phases(
     kubeconfig: Path,
     info: dict[str, Any],
     floor_result: dict[str, Any],
-) -> int:
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The first round's burst, then the steady and restart phases; the report and its rows."""
     log = ROOT / ".lmforge" / "bench-operator.log"
     log.parent.mkdir(exist_ok=True)
     for namespace in (BURST_NAMESPACE, STEADY_NAMESPACE):
@@ -570,12 +636,11 @@ def operator_phases(
         "operator_peak_rss_bytes": peak_rss,
         "operator_rss_at_start_bytes": rss_at_start,  # ready, no jobs yet
         "operator_rss_at_end_bytes": rss_at_end,  # every job of all phases still there
-        "goals": {"burst_ratio_to_floor": 1.5, "operator_peak_rss_bytes": 200 * 2**20},
     }
     rows = [
         ("floor: children of all jobs applied (s)", f"{floor_result['seconds']:.1f}"),
         ("operator: all child Jobs exist (s)", f"{burst_result['seconds']:.1f}"),
-        ("  ratio to floor (goal <= 1.5)", f"{ratio:.2f}"),
+        ("  ratio to floor", f"{ratio:.2f}"),
         ("  of which creating the FinetuneJobs (s)", f"{burst_result['create_seconds']:.1f}"),
         (
             "half / 90 % of the Jobs exist: floor; operator (s)",
@@ -608,8 +673,7 @@ def operator_phases(
             f"{rss_at_start / 2**20:.0f} / {rss_at_end / 2**20:.0f}",
         ),
     ]
-    publish(report, args.out, f"operator_scale: {args.jobs} jobs", rows)
-    return 0
+    return report, rows
 
 
 def argv_of(args: argparse.Namespace) -> list[str]:
@@ -619,6 +683,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         f"--steady-seconds {args.steady_seconds:g}",
         f"--settle-seconds {args.settle_seconds:g}",
         f"--resync-seconds {args.resync_seconds:g}",
+        f"--rounds {args.rounds}",
     ]
     return out
 
