@@ -13,7 +13,10 @@ about a second), in one run:
    child Job, and the operator's API requests per job over whole lifecycles;
 4. the operator's peak RSS (VmHWM) at the end;
 5. restart: a fresh operator watching every namespace, among all those jobs, given one
-   new job: how long until that job's Job exists.
+   new job: how long until that job's Job exists;
+6. rounds: two more floor/burst pairs (`--rounds`, default 3 in all), the burst first in
+   the second, each until the Jobs exist; the goal is on the median of the rounds' ratios,
+   as one pair moves by half its value when the machine's speed drifts.
 
 The floor runs on one fresh control plane and the operator's phases on another, started
 after the first is stopped, so neither is charged for the work the other set off; the
