@@ -70,6 +70,7 @@ from lmforge.operator.training.render import TrainingTarget, render_children  # 
 from lmforge.api.kinds import KINDS, TrainingJob  # noqa: E402
 from lmforge.api.references import model_references  # noqa: E402
 
+OPERATOR_LOG = ROOT / ".lmforge" / "bench-operator.log"
 WORKERS = 8  # the operator's settings.execution.max_workers
 
 
@@ -578,8 +579,7 @@ def another_round(args: argparse.Namespace, burst_first: bool) -> dict[str, floa
         with control_plane(None) as kubeconfig:
             kube = connect(kubeconfig)
             create_namespace(kube, BURST_NAMESPACE)
-            log = ROOT / ".lmforge" / "bench-operator.log"
-            operator = Operator(kubeconfig, log, args.resync_seconds, [BURST_NAMESPACE])
+            operator = Operator(kubeconfig, OPERATOR_LOG, args.resync_seconds, [BURST_NAMESPACE])
             try:
                 return float(burst(kube, operator, args.jobs, pods=False)["seconds"])
             finally:
@@ -604,7 +604,7 @@ def operator_phases(
     floor_result: dict[str, Any],
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """The first round's burst, then the steady and restart phases; the report and its rows."""
-    log = ROOT / ".lmforge" / "bench-operator.log"
+    log = OPERATOR_LOG
     log.parent.mkdir(exist_ok=True)
     for namespace in (BURST_NAMESPACE, STEADY_NAMESPACE):
         create_namespace(kube, namespace)

@@ -9,8 +9,8 @@ carries no `default`, so the server stores a job as it was written (a defaulted
 FinetuneJob was ten times larger, and each write of it cost the server twice the
 CPU). Each field's description names its default, for `kubectl explain`. The CEL
 rules are written against the defaulted object, as the Python checks see it;
-`_absent_safe` rewrites every field they read that may be absent into CEL's
-optional form with the model's default, e.g. `self.?distributed.?nodes.orValue(1)`.
+`_absent_safe` rewrites every field they read that may be absent into a read
+with the model's default, e.g. `(has(self.d) && has(self.d.nodes) ? self.d.nodes : 1)`.
 """
 
 from __future__ import annotations
