@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lmforge.trainer.attention import attention_for
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -27,6 +28,11 @@ class Precision:
 
     name: str  # bf16 | fp16 | fp32
     load_dtype: torch.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the layers compute in: the autocast dtype in mixed precision."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name, torch.float32)
 
     @property
     def trainer_flags(self) -> dict[str, bool]:
@@ -70,7 +76,8 @@ def load_model(
     precision: Precision,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load the base model with quantization and RoPE scaling applied."""
+    """Load the base model with quantization and RoPE scaling applied, and on CUDA the
+    varlen attention (attention.py) where it covers the model."""
     kwargs: dict[str, Any] = {"dtype": precision.load_dtype, "trust_remote_code": trust_remote_code}
     if method.type == "qlora":
         kwargs["quantization_config"] = _bitsandbytes_config(method)
@@ -89,6 +96,9 @@ def load_model(
             "earlier job merged (method.mergeOnExport) and start from merged/, or use lora"
         )
     model = load_pretrained(AutoModelForCausalLM, path, **kwargs)
+    implementation = attention_for(model, precision.compute_dtype)
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
     if training.gradient_checkpointing:
         model.config.use_cache = False
     return model

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lmforge.trainer.attention import VARLEN
 from lmforge.trainer.data.tokenization import IGNORE
 
 
@@ -21,7 +22,8 @@ class DataCollator:
     - padding-free (`padding_free=True`): the batch's rows joined into one row with their
       position ids and no attention mask, as transformers' DataCollatorWithFlattening does.
       transformers finds the records from the position ids: flash-attention kernels run
-      varlen over them, SDPA and eager get a block mask transformers builds. No padding, no
+      varlen over them (cu_seq_lens_q/max_length_q, transformers' names, say where the
+      records start), SDPA and eager get a block mask transformers builds. No padding, no
       dense float mask. `use_cache=False` goes with the batch: with a cache transformers
       does not look for packed records.
     - a 4-D additive mask [batch, 1, L, L] (without a varlen kernel: SDPA, eager): 0 where a
@@ -96,24 +98,39 @@ class DataCollator:
             input_ids = torch.cat([input_ids, torch.full((extra,), self.pad_token_id)])
             labels = torch.cat([labels, torch.full((extra,), IGNORE)])
             position_ids = torch.cat([position_ids, torch.arange(extra)])
+        # where each record starts, for varlen kernels (flash attention, attention.VARLEN):
+        # given here once, not found from the position ids again in every layer
+        starts = torch.cat(
+            [(position_ids == 0).nonzero().flatten(), torch.tensor([len(input_ids)])]
+        )
+        if starts[0] != 0:
+            starts = torch.cat([torch.zeros(1, dtype=starts.dtype), starts])
+        bounds = starts.to(torch.int32)
+        longest = int((bounds[1:] - bounds[:-1]).max())
         return {
             "input_ids": input_ids[None],
             "labels": labels[None],
             "position_ids": position_ids[None],
             "use_cache": False,
+            "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
 
 
 def padding_free(model: Any) -> bool:
     """Packed batches go padding-free only where a varlen kernel runs the records apart
-    (flash attention). SDPA and eager would attend over the whole joined row, masked: a
-    measured 3x slower step on the CPU benchmark than the per-row block mask. Prompt, prefix
-    and p-tuning adapters never do (PEFT drops the position ids that tell records apart)."""
+    (flash attention, attention.VARLEN). SDPA and eager would attend over the whole joined
+    row, masked: a measured 3x slower step on the CPU benchmark than the per-row block mask.
+    Prompt, prefix and p-tuning adapters never do (PEFT drops the position ids that tell
+    records apart)."""
     adapters = getattr(model, "peft_config", None) or {}
     if any(getattr(c, "is_prompt_learning", False) for c in adapters.values()):
         return False
     config = getattr(model, "config", None)
-    return "flash" in str(getattr(config, "_attn_implementation", None) or "")
+    implementation = str(getattr(config, "_attn_implementation", None) or "")
+    return "flash" in implementation or implementation == VARLEN
 
 
 def record_starts(position_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
