@@ -1,0 +1,38 @@
+"""`make bench-gpu`'s training benchmark, its plumbing checked where there is no GPU: both
+trainers (`lmforge run` and TRL's SFTTrainer) run a few steps of a tiny model on the CPU
+through the same code the GPU run takes, and the report holds what the GPU run reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_both_trainers_run_and_are_compared(tmp_path: Path) -> None:
+    from benchmarks import gpu_training
+
+    out = tmp_path / "gpu_training.json"
+    args = ["--cpu", "--steps", "4", "--warmup", "1", "--records", "32", "--out", str(out)]
+    assert gpu_training.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["gpu"] == "cpu" and report["machine"]["peak_bf16_flops"] is None
+    smoke = report["workloads"]["smoke"]
+    assert 0 < smoke["attention_length"] <= gpu_training.SMOKE["seq"]
+    for trainer in ("lmforge", "trl"):
+        run = smoke[trainer]
+        assert run["steps"] == 4 and run["steps_timed"] == 2
+        assert run["real_tokens_per_batch"] > 0 and run["tokens_per_second_per_gpu"] > 0
+        assert run["mfu"] is None  # no peak FLOP/s to divide by on a CPU
+    assert math.isfinite(smoke["ratio_to_trl"]) and smoke["ratio_to_trl"] > 0
+
+
+def test_a_cpu_run_never_writes_the_gpu_results() -> None:
+    from benchmarks import gpu_training
+
+    with pytest.raises(SystemExit):
+        gpu_training.main(["--cpu"])
