@@ -127,6 +127,28 @@ def test_chosen_only_on_cuda_in_half_precision_for_the_attention_it_covers(
     assert attention_for(mistral, torch.bfloat16) == VARLEN
 
 
+def test_load_model_sets_it_for_a_half_precision_cuda_run(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.trainer.model import Precision, load_model
+
+    from lmforge.api.common import TrainingSpec, TuningMethod
+
+    def load(precision: str) -> Any:
+        return load_model(
+            str(tiny_model),
+            method=TuningMethod(),
+            training=TrainingSpec(),
+            precision=Precision(precision, torch.float32),
+        )
+
+    assert load("bf16").config._attn_implementation != VARLEN  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = load("bf16")
+    assert model.config._attn_implementation == VARLEN and padding_free(model)
+    assert load("fp32").config._attn_implementation != VARLEN
+
+
 def test_what_it_does_not_run_is_refused_not_ignored(tokenizer: Any) -> None:
     layer = _model(tokenizer, VARLEN).model.layers[0].self_attn
     q = torch.zeros(1, 4, 5, 8)
