@@ -12,9 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lmforge.trainer.attention import VARLEN, attention_for, varlen_attention_forward  # noqa: E402
+from lmforge.trainer.attention import (  # noqa: E402
+    VARLEN,
+    attention_for,
+    padding_free,
+    varlen_attention_forward,
+)
 from lmforge.trainer.data import Example, tokenize_examples  # noqa: E402
-from lmforge.trainer.data.collate import DataCollator, padding_free  # noqa: E402
+from lmforge.trainer.data.collate import DataCollator  # noqa: E402
 from lmforge.trainer.tiny import build_tokenizer, bundled_texts  # noqa: E402
 
 RECORD_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

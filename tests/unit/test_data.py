@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from lmforge.trainer.attention import padding_free  # noqa: E402
 from lmforge.trainer.data import (  # noqa: E402
     NAMED_TEMPLATES,
     DataCollator,
@@ -26,7 +27,6 @@ from lmforge.trainer.data import (  # noqa: E402
     resolve_chat_template,
     tokenize_examples,
 )
-from lmforge.trainer.data.collate import padding_free  # noqa: E402
 
 from lmforge.api.common import DatasetSpec, DataSource, EvalSplit  # noqa: E402
 

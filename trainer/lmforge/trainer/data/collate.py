@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lmforge.trainer.attention import VARLEN
 from lmforge.trainer.data.tokenization import IGNORE
 
 
@@ -98,7 +97,7 @@ class DataCollator:
             input_ids = torch.cat([input_ids, torch.full((extra,), self.pad_token_id)])
             labels = torch.cat([labels, torch.full((extra,), IGNORE)])
             position_ids = torch.cat([position_ids, torch.arange(extra)])
-        # where each record starts, for varlen kernels (flash attention, attention.VARLEN):
+        # where each record starts, for varlen kernels (flash attention, attention.py's):
         # given here once, not found from the position ids again in every layer
         starts = torch.cat(
             [(position_ids == 0).nonzero().flatten(), torch.tensor([len(input_ids)])]
@@ -117,20 +116,6 @@ class DataCollator:
             "max_length_q": longest,
             "max_length_k": longest,
         }
-
-
-def padding_free(model: Any) -> bool:
-    """Packed batches go padding-free only where a varlen kernel runs the records apart
-    (flash attention, attention.VARLEN). SDPA and eager would attend over the whole joined
-    row, masked: a measured 3x slower step on the CPU benchmark than the per-row block mask.
-    Prompt, prefix and p-tuning adapters never do (PEFT drops the position ids that tell
-    records apart)."""
-    adapters = getattr(model, "peft_config", None) or {}
-    if any(getattr(c, "is_prompt_learning", False) for c in adapters.values()):
-        return False
-    config = getattr(model, "config", None)
-    implementation = str(getattr(config, "_attn_implementation", None) or "")
-    return "flash" in implementation or implementation == VARLEN
 
 
 def record_starts(position_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.trainer import export, sharding
+from lmforge.trainer.attention import padding_free
 from lmforge.trainer.data import DataCollator, prepare_once_per_node, resolve_chat_template
-from lmforge.trainer.data.collate import padding_free
 from lmforge.trainer.evaluate import exact_match_accuracy, perplexity
 from lmforge.trainer.launch import node_rank, rank
 from lmforge.trainer.loop import (
