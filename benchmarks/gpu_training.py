@@ -160,21 +160,17 @@ def attention_length(model_dir: Path, data: Path, seq: int) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = NAMED_TEMPLATES["chatml"]
-    lengths = [
-        min(
-            seq,
-            len(
-                tokenizer.apply_chat_template(m, chat_template=template, return_dict=True)[
-                    "input_ids"
-                ]
-            ),
-        )
-        for m in (json.loads(line)["messages"] for line in data.read_text().splitlines())
-    ]
+
+    def tokens(messages: list[dict[str, str]]) -> int:
+        encoded = tokenizer.apply_chat_template(messages, chat_template=template, return_dict=True)
+        return len(encoded["input_ids"])
+
+    lines = data.read_text().splitlines()
+    lengths = [min(seq, tokens(json.loads(line)["messages"])) for line in lines]
     return sum(n * n for n in lengths) / sum(lengths)
 
 
-def training_flops(params: int, config: dict[str, Any], tokens: int, length: float) -> float:
+def training_flops(params: int, config: dict[str, Any], tokens: float, length: float) -> float:
     """6·N·tokens (forward + backward of every weight) plus causal attention scores and
     values: 6 · layers · hidden · length · tokens (12·L·h·n per token in a record of n
     tokens, halved for causality; `length` from attention_length). LoRA runs still
