@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lmforge.trainer.data.collate import record_bounds
 from transformers import AttentionInterface
 from transformers.integrations.flash_attention import get_target_dtype
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -95,19 +96,15 @@ def varlen_attention_forward(
 def _sequence_bounds(
     kwargs: dict[str, Any], batch: int, length: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
-    """The sequences' cumulative bounds in the joined rows (int32, [n + 1]) and the longest.
-    A sequence starts where the position id is 0 and at every row's start."""
+    """The sequences' bounds in the joined rows and the longest: the collator's, else found
+    from the position ids (else the rows)."""
     given = kwargs.get("cu_seq_lens_q")
     if given is not None and kwargs.get("max_length_q") is not None:
         return given.to(device=device, dtype=torch.int32), int(kwargs["max_length_q"])
     positions = kwargs.get("position_ids")
-    starts = torch.zeros(batch * length, dtype=torch.bool, device=device)
-    if positions is not None:
-        starts |= positions.expand(batch, length).reshape(-1).to(device) == 0
-    starts[::length] = True
-    total = torch.tensor([batch * length], device=device)
-    bounds = torch.cat([starts.nonzero().flatten(), total]).to(torch.int32)
-    return bounds, int((bounds[1:] - bounds[:-1]).max())
+    if positions is None:
+        positions = torch.arange(length, device=device)
+    return record_bounds(positions.expand(batch, length).to(device))
 
 
 def _records_through_sdpa(

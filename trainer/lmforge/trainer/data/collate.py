@@ -99,13 +99,7 @@ class DataCollator:
             position_ids = torch.cat([position_ids, torch.arange(extra)])
         # where each record starts, for varlen kernels (flash attention, attention.py's):
         # given here once, not found from the position ids again in every layer
-        starts = torch.cat(
-            [(position_ids == 0).nonzero().flatten(), torch.tensor([len(input_ids)])]
-        )
-        if starts[0] != 0:
-            starts = torch.cat([torch.zeros(1, dtype=starts.dtype), starts])
-        bounds = starts.to(torch.int32)
-        longest = int((bounds[1:] - bounds[:-1]).max())
+        bounds, longest = record_bounds(position_ids[None])
         return {
             "input_ids": input_ids[None],
             "labels": labels[None],
@@ -116,6 +110,18 @@ class DataCollator:
             "max_length_q": longest,
             "max_length_k": longest,
         }
+
+
+def record_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The records of rows [batch, width] joined end to end: their cumulative bounds (int32,
+    [n + 1], as varlen kernels take them) and the longest. A record starts where its
+    position id is 0 and at every row's start."""
+    batch, width = position_ids.shape
+    starts = position_ids.reshape(-1) == 0
+    starts[::width] = True
+    total = torch.tensor([batch * width], device=position_ids.device)
+    bounds = torch.cat([starts.nonzero().flatten(), total]).to(torch.int32)
+    return bounds, int((bounds[1:] - bounds[:-1]).max())
 
 
 def record_starts(position_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
