@@ -460,11 +460,11 @@ def test_operator_metrics(crds: Kube, operator: OperatorProcess, namespace: str)
         "lmforge_gpu_hours_requested_total",
     ):
         assert name in text, name
-    # The first reconcile creates the Job and writes one status that says what it waits
-    # for, not "creating" and then a second write (one status patch and event less a job).
-    firsts = [e["message"] for e in events_of(crds, namespace, "counted")]
-    firsts = [m for m in firsts if m.startswith("New -> ")]
-    assert len(firsts) == 1 and "creating" not in firsts[0], firsts
+    # The routine start (creating the Job, waiting for its pod) is in status only, no Event
+    # (a burst of 1,000 jobs spent 7 % of its time on them); the job's Events say how it went.
+    events = [e["message"] for e in events_of(crds, namespace, "counted")]
+    assert not [m for m in events if m.startswith(("New -> ", "Pending -> "))], events
+    assert [m for m in events if "-> Succeeded: output written to" in m], events
 
 
 def test_second_replica_stands_by(crds: Kube, operator: OperatorProcess, tmp_path: Path) -> None:

@@ -293,8 +293,22 @@ def test_without_a_workload_the_children_are_applied(suspend: bool, phase: str) 
     assert decision.status["restarts"] == 0
     assert is_true(decision.status, "Suspended") is suspend
     assert is_true(decision.status, "Ready") is False
-    assert [e[0] for e in decision.events] == ["Normal"]
+    # the routine start is in status only; suspending is an Event
+    assert [e[0] for e in decision.events] == (["Normal"] if suspend else [])
     assert_valid_status(decision)
+
+
+def test_the_routine_start_is_quiet_and_running_is_an_event() -> None:
+    """Creating the workload and waiting for its pods are no Events (a burst of jobs would
+    pay an Event each for them); the first Event of a job that starts says it runs."""
+    created = decide(observed(workload=workload(), pods=[pod(0, phase="Pending")]))
+    assert created.status["phase"] == "Initializing"
+    assert created.events == []
+    running = [pod(0, phase="Running"), pod(1, phase="Running")]
+    started = decide(observed(status=created.status, workload=workload(), pods=running))
+    assert started.events == [
+        ("Normal", "Training", "Initializing -> Running: 2 of 2 pods running")
+    ]
 
 
 def test_a_workload_waiting_for_kueue_is_pending_queued() -> None:
@@ -378,6 +392,11 @@ def test_pods_that_cannot_start_say_why(stuck: Obj, reason: str, says: str) -> N
     for type_ in ("Reconciling", "Stalled"):
         found = condition(decision.status, type_)
         assert found["status"] == "True" and found["reason"] == reason and says in found["message"]
+    # a Warning Event says it once, however often the job is reconciled while stuck
+    [(type_, event_reason, message)] = decision.events
+    assert (type_, event_reason) == ("Warning", reason) and says in message
+    again = decide(observed(status=decision.status, workload=workload(), pods=[stuck]))
+    assert again.events == []
     # once the pod runs, Stalled clears
     running = [pod(0, phase="Running"), pod(1, phase="Running")]
     later = decide(observed(status=decision.status, workload=workload(), pods=running))
@@ -392,6 +411,8 @@ def test_missing_volume_is_said_before_any_pod_exists() -> None:
     stalled = condition(decision.status, "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "MissingVolume"
     assert '"data" not found' in stalled["message"]
+    assert [e[:2] for e in decision.events] == [("Warning", "MissingVolume")]
+    assert decide(observed(status=decision.status, missing_volumes=["x"])).events == []
     fixed = decide(observed(status=decision.status))
     assert fixed.action is Action.APPLY
     assert condition(fixed.status, "Stalled")["status"] == "False"

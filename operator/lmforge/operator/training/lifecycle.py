@@ -286,6 +286,8 @@ class _Status:
         )
 
     def phase(self, phase: str, reason: str, message: str, event: bool = True) -> None:
+        """Move to `phase`; a change of phase is an Event unless `event` is False (the
+        routine start: creating the workload, waiting for its pods, is in status only)."""
         previous = self.obs.status.get("phase")
         self.data["phase"] = phase
         in_progress = phase not in TERMINAL_PHASES and phase != "Suspended"
@@ -300,6 +302,14 @@ class _Status:
         if event and previous != phase:
             kind = "Warning" if phase == "Failed" else "Normal"
             self.events.append((kind, reason, f"{previous or 'New'} -> {phase}: {message}"))
+
+    def stall(self, reason: str, message: str) -> None:
+        """Say why the job cannot go on: the Stalled condition, and a Warning Event the
+        first time it stalls for this reason."""
+        was = find_condition(self.obs.status.get("conditions") or [], "Stalled")
+        if not (was and was.get("status") == "True" and was.get("reason") == reason):
+            self.events.append(("Warning", reason, message))
+        self.condition("Stalled", True, reason, message)
 
     def decision(self, action: Action = Action.NONE) -> Decision:
         return Decision(self.data, action, self.events)
@@ -316,8 +326,8 @@ def decide(obs: Observed) -> Decision:
         return dependency
     if obs.missing_volumes:
         message = "; ".join(obs.missing_volumes) + ": create it, or fix the spec"
-        status.phase("Pending", "MissingVolume", message)
-        status.condition("Stalled", True, "MissingVolume", message)
+        status.phase("Pending", "MissingVolume", message, event=False)
+        status.stall("MissingVolume", message)
         return status.decision()
     stalled = find_condition(status.data.get("conditions") or [], "Stalled")
     if stalled and stalled.get("status") == "True" and stalled.get("reason") == "MissingVolume":
@@ -328,7 +338,7 @@ def decide(obs: Observed) -> Decision:
         if obs.suspend:
             status.phase("Suspended", "Suspended", "runPolicy.suspend is set; no pods run")
         else:
-            status.phase("Pending", "Creating", "creating the training workload")
+            status.phase("Pending", "Creating", "creating the training workload", event=False)
         return status.decision(Action.APPLY)
 
     if (cond := _job_condition(workload, "Complete")) or _job_condition(
@@ -458,11 +468,19 @@ def _running(obs: Observed, status: _Status) -> Decision:
     elif stuck is not None:
         reason, message = stuck
         status.phase(
-            "Initializing", reason, f"{len(running)} of {expected} pods running; {message}"
+            "Initializing",
+            reason,
+            f"{len(running)} of {expected} pods running; {message}",
+            event=False,
         )
-        status.condition("Stalled", True, reason, message)
+        status.stall(reason, message)
     else:
-        status.phase("Initializing", "PodsStarting", f"{len(running)} of {expected} pods running")
+        status.phase(
+            "Initializing",
+            "PodsStarting",
+            f"{len(running)} of {expected} pods running",
+            event=False,
+        )
     if stuck is None and _is_true(status.data, "Stalled"):
         status.condition("Stalled", False, "PodsStarting", "the pods are no longer stuck")
     return status.decision(Action.APPLY)
