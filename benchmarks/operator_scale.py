@@ -547,9 +547,7 @@ def run(args: argparse.Namespace) -> int:
     with control_plane(args.kubeconfig) as kubeconfig:
         kube = connect(kubeconfig)
         report, rows = operator_phases(args, kube, kubeconfig, info, floor_result)
-    rounds = [
-        {"floor_seconds": floor_result["seconds"], "burst_seconds": report["burst"]["seconds"]}
-    ]
+    rounds = [_seconds("floor", floor_result) | _seconds("burst", report["burst"])]
     for i in range(1, args.rounds if args.kubeconfig is None else 1):
         print(f"round {i + 1} of {args.rounds} ({'burst' if i % 2 else 'floor'} first) ...")
         rounds.append(another_round(args, burst_first=i % 2 == 1))
@@ -562,6 +560,10 @@ def run(args: argparse.Namespace) -> int:
     rows[3:3] = [
         ("  by round (floor / operator s: ratio)", "; ".join(_round(r) for r in rounds)),
         ("  median of the rounds (goal <= 1.5)", f"{report['burst_ratio_median']:.2f}"),
+        (
+            "  CPU-s of all programs by round (floor / operator)",
+            "; ".join(f"{r['floor_cpu_seconds']} / {r['burst_cpu_seconds']}" for r in rounds),
+        ),
     ]
     publish(report, args.out, f"operator_scale: {args.jobs} jobs", rows)
     return 0
@@ -575,25 +577,33 @@ def another_round(args: argparse.Namespace, burst_first: bool) -> dict[str, floa
     """One more floor/burst pair, each on a fresh control plane; until the Jobs exist
     (the first pair also waited for the pods)."""
 
-    def burst_seconds() -> float:
+    def burst_phase() -> dict[str, float]:
         with control_plane(None) as kubeconfig:
             kube = connect(kubeconfig)
             create_namespace(kube, BURST_NAMESPACE)
             operator = Operator(kubeconfig, OPERATOR_LOG, args.resync_seconds, [BURST_NAMESPACE])
             try:
-                return float(burst(kube, operator, args.jobs, pods=False)["seconds"])
+                return _seconds("burst", burst(kube, operator, args.jobs, pods=False))
             finally:
                 operator.stop()
 
-    def floor_seconds() -> float:
+    def floor_phase() -> dict[str, float]:
         with control_plane(None) as kubeconfig:
-            return float(floor(connect(kubeconfig), args.jobs, pods=False)["seconds"])
+            return _seconds("floor", floor(connect(kubeconfig), args.jobs, pods=False))
 
     if burst_first:
-        operator_time = burst_seconds()
-        return {"floor_seconds": floor_seconds(), "burst_seconds": operator_time}
-    floor_time = floor_seconds()
-    return {"floor_seconds": floor_time, "burst_seconds": burst_seconds()}
+        operator_phase = burst_phase()
+        return floor_phase() | operator_phase
+    return floor_phase() | burst_phase()
+
+
+def _seconds(phase: str, result: dict[str, Any]) -> dict[str, float]:
+    """A round's figures of one phase: its time and the CPU seconds all programs used in it
+    (the work done, which does not stretch when the cores sit idle, as time does)."""
+    return {
+        f"{phase}_seconds": float(result["seconds"]),
+        f"{phase}_cpu_seconds": round(sum(result["cpu_seconds_by_program"].values()), 1),
+    }
 
 
 def operator_phases(
