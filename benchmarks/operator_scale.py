@@ -14,9 +14,10 @@ about a second), in one run:
 4. the operator's peak RSS (VmHWM) at the end;
 5. restart: a fresh operator watching every namespace, among all those jobs, given one
    new job: how long until that job's Job exists;
-6. rounds: two more floor/burst pairs (`--rounds`, default 3 in all), the burst first in
-   the second, each until the Jobs exist; the goal is on the median of the rounds' ratios,
-   as one pair moves by half its value when the machine's speed drifts.
+6. rounds: more floor/burst pairs (`--rounds`, default 5 in all), the burst first in
+   every second one, each until the Jobs exist; the goal is on the median of the rounds'
+   ratios, as one pair moves by half its value when the machine's speed drifts. Each
+   round also records the CPU seconds all programs used in either phase.
 
 The floor runs on one fresh control plane and the operator's phases on another, started
 after the first is stopped, so neither is charged for the work the other set off; the
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="floor/burst pairs, each phase on a fresh control plane, the order alternating "
         "(the box's speed drifts); the goal is on their median ratio",
     )
