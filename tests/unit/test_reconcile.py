@@ -28,6 +28,8 @@ class FakeKube:
 
     def __init__(self) -> None:
         self.applies: list[tuple[str, str]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[Any, ...]] = []
         self.conflict = False
         self.version = 100
 
@@ -44,13 +46,14 @@ class FakeKube:
         return self._stored(obj)
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Any) -> dict[str, Any]:
+        self.statuses.append(status)
         return self._stored({**JOB, "status": status})
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         return {"kind": kind, "metadata": {"name": name}}  # every claim exists
 
-    def event(self, *args: Any) -> None:
-        pass
+    def event(self, obj: Any, *args: Any) -> None:
+        self.events.append(args)
 
     def delete(self, *args: Any) -> None:
         pass
@@ -101,6 +104,21 @@ def world(
     monkeypatch.setattr(reconcile, "render_children", counted)
     reconciler = Reconciler(kube, OperatorSettings(), OperatorMetrics(), cache)  # type: ignore[arg-type]
     return reconciler, kube, jobs, renders
+
+
+def test_a_new_job_gets_its_children_and_one_status_write_without_an_event(world: Any) -> None:
+    """The first reconcile creates the Job, then writes one status saying what the job
+    waits for (not "creating" and then a second write), and no Event: the routine start
+    is in status only (a burst of 1,000 jobs spent 7 % of its time on that Event)."""
+    reconciler, kube, _, _ = world
+    reconciler.reconcile(*KEY)
+    assert ("Job", "demo-0") in kube.applies
+    [status] = kube.statuses
+    assert status["phase"] == "Initializing"
+    [reconciling] = [c for c in status["conditions"] if c["type"] == "Reconciling"]
+    assert reconciling["reason"] == "PodsStarting"
+    assert reconciling["message"] == "0 of 1 pods running"
+    assert kube.events == []
 
 
 def test_an_unchanged_job_is_neither_rendered_nor_applied_again(world: Any) -> None:
