@@ -599,8 +599,9 @@ def another_round(args: argparse.Namespace, burst_first: bool) -> dict[str, floa
 
 
 def _seconds(phase: str, result: dict[str, Any]) -> dict[str, float]:
-    """A round's figures of one phase: its time and the CPU seconds all programs used in it
-    (the work done, which does not stretch when the cores sit idle, as time does)."""
+    """A round's figures of one phase: its time and the CPU seconds the programs used in it
+    (each over 0.5 s; the work done, which does not stretch when the cores sit idle, as
+    time does)."""
     return {
         f"{phase}_seconds": float(result["seconds"]),
         f"{phase}_cpu_seconds": round(sum(result["cpu_seconds_by_program"].values()), 1),

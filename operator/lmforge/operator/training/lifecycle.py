@@ -306,8 +306,7 @@ class _Status:
     def stall(self, reason: str, message: str) -> None:
         """Say why the job cannot go on: the Stalled condition, and a Warning Event the
         first time it stalls for this reason."""
-        was = find_condition(self.obs.status.get("conditions") or [], "Stalled")
-        if not (was and was.get("status") == "True" and was.get("reason") == reason):
+        if _stalled_for(self.obs.status) != reason:
             self.events.append(("Warning", reason, message))
         self.condition("Stalled", True, reason, message)
 
@@ -329,8 +328,7 @@ def decide(obs: Observed) -> Decision:
         status.phase("Pending", "MissingVolume", message, event=False)
         status.stall("MissingVolume", message)
         return status.decision()
-    stalled = find_condition(status.data.get("conditions") or [], "Stalled")
-    if stalled and stalled.get("status") == "True" and stalled.get("reason") == "MissingVolume":
+    if _stalled_for(status.data) == "MissingVolume":
         status.condition("Stalled", False, "VolumesFound", "every referenced volume exists")
 
     workload = obs.workload
@@ -481,7 +479,7 @@ def _running(obs: Observed, status: _Status) -> Decision:
             f"{len(running)} of {expected} pods running",
             event=False,
         )
-    if stuck is None and _is_true(status.data, "Stalled"):
+    if stuck is None and _stalled_for(status.data) is not None:
         status.condition("Stalled", False, "PodsStarting", "the pods are no longer stuck")
     return status.decision(Action.APPLY)
 
@@ -527,6 +525,7 @@ def why_pods_wait(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
-def _is_true(data: dict[str, Any], type_: str) -> bool:
-    found = find_condition(data.get("conditions") or [], type_)
-    return bool(found and found.get("status") == "True")
+def _stalled_for(data: dict[str, Any]) -> str | None:
+    """Why the job is stalled (the Stalled condition's reason), if it is."""
+    found = find_condition(data.get("conditions") or [], "Stalled")
+    return str(found.get("reason")) if found and found.get("status") == "True" else None
