@@ -28,7 +28,6 @@ class FakeKube:
 
     def __init__(self) -> None:
         self.applies: list[tuple[str, str]] = []
-        self.together: list[list[tuple[str, str]]] = []  # what each apply_all was given
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[Any, ...]] = []
         self.conflict = False
@@ -45,10 +44,6 @@ class FakeKube:
             raise ApiException(status=409, reason="Conflict")
         self.applies.append((obj["kind"], obj["metadata"]["name"]))
         return self._stored(obj)
-
-    def apply_all(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self.together.append([(o["kind"], o["metadata"]["name"]) for o in objects])
-        return [self.apply(obj) for obj in objects]
 
     def patch_status(self, kind: str, namespace: str, name: str, status: Any) -> dict[str, Any]:
         self.statuses.append(status)
@@ -124,18 +119,6 @@ def test_a_new_job_gets_its_children_and_one_status_write_without_an_event(world
     assert reconciling["reason"] == "PodsStarting"
     assert reconciling["message"] == "0 of 1 pods running"
     assert kube.events == []
-
-
-def test_a_new_jobs_children_go_at_once_and_its_job_after_them(world: Any) -> None:
-    """Everything the Job's pods need in one apply_all (sent at once: a job's apply-to-Job
-    latency is one round trip for them, not nine), the Job only once they all exist."""
-    reconciler, kube, _, _ = world
-    reconciler.reconcile(*KEY)
-    [needs] = kube.together
-    kinds = {kind for kind, _ in needs}
-    assert {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Service"} <= kinds
-    assert "Job" not in kinds
-    assert kube.applies == [*needs, ("Job", "demo-0")]
 
 
 def test_an_unchanged_job_is_neither_rendered_nor_applied_again(world: Any) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubernetes import client
@@ -24,8 +22,6 @@ from lmforge.api.base import GROUP, VERSION
 from lmforge.api.kinds import KINDS
 
 log = logging.getLogger(__name__)
-
-APPLY_THREADS = 8  # applies at once across all callers of `apply_all`
 
 # API paths of the kinds the operator reads and writes.
 _PATHS = {
@@ -73,8 +69,6 @@ class Kube:
     ) -> None:
         self.api = api or client.ApiClient()
         self.on_request = on_request  # called with the method of every request, e.g. metrics
-        self._appliers: ThreadPoolExecutor | None = None
-        self._appliers_lock = threading.Lock()
 
     def request(
         self,
@@ -165,23 +159,6 @@ class Kube:
             body=obj,
             content_type="application/apply-patch+yaml",
         )
-
-    def apply_all(self, objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Server-side apply of objects that do not depend on one another, at once (on a
-        pool of APPLY_THREADS shared by every caller, so that the API server sees a bounded
-        number however many callers there are). Returns what the API server stored, in
-        order; when any apply failed, raises the first failure once all have ended."""
-        if len(objects) <= 1:
-            return [self.apply(obj) for obj in objects]
-        with self._appliers_lock:
-            if self._appliers is None:
-                self._appliers = ThreadPoolExecutor(APPLY_THREADS, thread_name_prefix="apply")
-        futures = [self._appliers.submit(self.apply, obj) for obj in objects]
-        errors = [f.exception() for f in futures]  # waits for every one
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
-        return [f.result() for f in futures]
 
     def patch_status(
         self, kind: str, namespace: str, name: str, status: dict[str, Any]

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Container
 from typing import Any
 
-from kubernetes import client
 from kubernetes import config as kube_config
 from lmforge.operator.cache import (
     PODS_INDEX,
@@ -34,7 +33,7 @@ from lmforge.operator.cache import (
     jobs_index,
     owner_key,
 )
-from lmforge.operator.kube import APPLY_THREADS, Kube
+from lmforge.operator.kube import Kube
 from lmforge.operator.leader import LeaderElection
 from lmforge.operator.metrics import OperatorMetrics, serve
 from lmforge.operator.ownership import LABEL_KIND, LABEL_NAME
@@ -337,17 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
     metrics = OperatorMetrics()
-    # A connection for every watch, worker and applier: urllib3 closes what comes back to a
-    # full pool, and each new connection costs both sides a TLS handshake.
-    configuration = client.Configuration.get_default_copy()
-    watches = len(args.namespace or [None]) * (len(MANAGED_KINDS) + len(CHILD_KINDS))
-    configuration.connection_pool_maxsize = max(
-        configuration.connection_pool_maxsize, watches + WORKERS + APPLY_THREADS + 2
-    )
-    kube = Kube(
-        client.ApiClient(configuration),
-        on_request=lambda method: metrics.api_requests.labels(method).inc(),
-    )
+    kube = Kube(on_request=lambda method: metrics.api_requests.labels(method).inc())
     election = LeaderElection(kube, args.lease_namespace, args.identity)
     operator: Operator | None = None
     # Ready: a standby (waiting for the Lease) is ready to take over; a leader once its

@@ -312,42 +312,29 @@ class Reconciler:
             if watched_present and self.cache.children_current(job, inputs):
                 return
         children = render_children(target, workload_suspended=workload_suspended).objects
-
-        def watched(obj: dict[str, Any]) -> bool:
-            return obj["kind"] == "Job" or (obj["kind"], obj["metadata"]["name"]) == report
-
-        def current(obj: dict[str, Any]) -> bool:  # applied as rendered, and still there
-            key = (obj["kind"], obj["metadata"]["name"])
-            return (not watched(obj) or key in present) and self.cache.unchanged(obj)
-
-        changed = [obj for obj in children if not current(obj)]
-        # The Job's needs at once, then the Job: a pod whose ServiceAccount, volume claims or
-        # config do not exist yet is refused or stuck, and the job controller backs off.
-        needs = [obj for obj in changed if obj["kind"] != "Job"]
-        for obj, applied in zip(needs, self.kube.apply_all(needs), strict=True):
-            self._applied(obj, applied, watched(obj))
         complete = True  # every child is now as rendered
-        for obj in (obj for obj in changed if obj["kind"] == "Job"):
+        for obj in children:
+            key = (obj["kind"], obj["metadata"]["name"])
+            watched = obj["kind"] == "Job" or key == report
+            if (not watched or key in present) and self.cache.unchanged(obj):
+                continue
             sent = obj
-            if observed_workload is not None:
+            if obj["kind"] == "Job" and observed_workload is not None:
                 version = observed_workload["metadata"].get("resourceVersion")
                 sent = {**obj, "metadata": {**obj["metadata"], "resourceVersion": version}}
             try:
-                self._applied(obj, self.kube.apply(sent), watched=True)
+                applied = self.kube.apply(sent)
             except ApiException as err:
                 if err.status != 409 or sent is obj:
                     raise
-                log.info(
-                    "Job %s changed since it was read; next event applies", workload_name(target)
-                )
+                log.info("Job %s changed since it was read; next event applies", key[1])
                 complete = False
+                continue
+            self.cache.applied(obj)  # the rendered form, without the version lock
+            if watched:
+                self.cache.wrote(applied)
         if inputs is not None and complete:
             self.cache.rendered(job, inputs, children)
-
-    def _applied(self, obj: dict[str, Any], applied: dict[str, Any], watched: bool) -> None:
-        self.cache.applied(obj)  # the rendered form, without the version lock
-        if watched:
-            self.cache.wrote(applied)
 
     def _delete_other_attempts(
         self, namespace: str, attempt: int, workloads: list[dict[str, Any]]
