@@ -46,6 +46,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -158,6 +159,96 @@ class JobWatch(threading.Thread):
         }
 
 
+# Where the API server's CPU went, by what it was doing: the first matching pattern of a
+# sample's call stack (Go function names) names it.
+API_SERVER_WORK = (
+    ("our custom resources", r"apiextensions-apiserver/pkg/registry/customresource|crdHandler"),
+    ("watches served", r"serveWatch|cacheWatcher|WatchServer"),
+    ("creates", r"handlers\.createHandler|handlers\.CreateResource|handlers\.CreateNamedResource"),
+    ("server-side applies", r"applyPatcher"),
+    ("other patches", r"patchResource|PatchResource"),
+    ("updates (PUT)", r"handlers\.UpdateResource"),
+    ("gets and lists", r"getResourceHandler|ListResource"),
+    ("deletes", r"DeleteResource|DeleteCollection"),
+    (
+        "Go garbage collection",
+        r"gcBgMarkWorker|runtime\.gcAssist|runtime\.bgsweep|runtime\.bgscavenge",
+    ),
+    ("watch cache", r"cacher\.|watchCache|[Rr]eflector"),
+    ("etcd client", r"go\.etcd\.io|etcd3"),
+    ("metrics", r"prometheus"),
+    ("HTTP and TLS", r"net/http|crypto/tls"),
+)
+
+
+def work_of_samples(raw: str) -> dict[str, float]:
+    """CPU seconds by API_SERVER_WORK (else "other") from `go tool pprof -raw` text."""
+    samples, _, locations = raw.partition("\nLocations\n")
+    frames: dict[int, list[str]] = {}
+    current = None
+    for line in locations.split("\nMappings\n")[0].splitlines():
+        located = re.match(r"\s*(\d+): 0x[0-9a-f]+ M=\d+ (\S+)", line)
+        if located:
+            current = int(located[1])
+            frames[current] = [located[2]]
+        elif current is not None and line.strip():  # a function inlined there
+            frames[current].append(line.split()[0])
+    out: dict[str, float] = {}
+    for line in samples.splitlines():
+        sample = re.match(r"\s*\d+\s+(\d+): (.*)", line)
+        if not sample:
+            continue
+        stack = " ".join(f for i in sample[2].split() for f in frames.get(int(i), []))
+        work = next(
+            (name for name, pattern in API_SERVER_WORK if re.search(pattern, stack)), "other"
+        )
+        out[work] = out.get(work, 0.0) + int(sample[1]) / 1e9
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+class ApiServerProfile(threading.Thread):
+    """The API server's CPU profile (/debug/pprof, 2-s windows back to back) while a phase
+    runs; `stop()` ends it after the window under way and returns its CPU seconds by work.
+    Needs Go's pprof (`go tool pprof`, there wherever the control plane was built)."""
+
+    WINDOW = 2
+
+    def __init__(self, kube: Kube) -> None:
+        super().__init__(daemon=True)
+        self.kube = kube
+        self.windows: list[bytes] = []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            prepared = self.kube.api.param_serialize(
+                method="GET",
+                resource_path="/debug/pprof/profile",
+                query_params=[("seconds", str(self.WINDOW))],
+                auth_settings=["BearerToken"],
+            )
+            response = self.kube.api.call_api(*prepared[:4], _request_timeout=self.WINDOW + 30)
+            response.read()
+            self.windows.append(response.data)
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for i, window in enumerate(self.windows):
+                paths.append(Path(tmp) / f"{i}.pb.gz")
+                paths[-1].write_bytes(window)
+            raw = subprocess.run(
+                ["go", "tool", "pprof", "-raw", *map(str, paths)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        return work_of_samples(raw)
+
+
 def create_namespace(kube: Kube, name: str) -> None:
     kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": name}})
 
@@ -168,8 +259,9 @@ def create_jobs(kube: Kube, namespace: str, names: list[str]) -> None:
         list(pool.map(lambda n: kube.request("POST", path, body=finetune_job(n)), names))
 
 
-def floor(kube: Kube, jobs: int, pods: bool = True) -> dict[str, Any]:
-    """The bare client's phase; `pods`: also wait until every job's first pod exists."""
+def floor(kube: Kube, jobs: int, pods: bool = True, profile: bool = False) -> dict[str, Any]:
+    """The bare client's phase; `pods`: also wait until every job's first pod exists;
+    `profile`: where the API server's CPU went until the Jobs existed."""
     namespace = f"bench-floor-{os.getpid()}"
     create_namespace(kube, namespace)
     objects = [
@@ -181,6 +273,7 @@ def floor(kube: Kube, jobs: int, pods: bool = True) -> dict[str, Any]:
     seen = watch_first(namespace, LABEL_NAME)
     first_pods = watch_first(namespace, LABEL_NAME, True) if pods else None
     idle = settle()
+    profiler = ApiServerProfile(kube) if profile else None
     started, cpu, requests = time.monotonic(), cpu_by_program(), served(kube)
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(kube.apply, objects))
@@ -194,6 +287,8 @@ def floor(kube: Kube, jobs: int, pods: bool = True) -> dict[str, Any]:
         "cpu_seconds_by_program": cpu_since(cpu),
         "control_plane_before": idle,
     }
+    if profiler is not None:
+        result["api_server_cpu_by_work"] = profiler.stop()
     return result | pods_and_timeline(seen, first_pods, started, jobs)
 
 
@@ -399,7 +494,9 @@ def phases(kube: Kube, namespace: str) -> dict[str, int]:
 BURST_NAMESPACE, STEADY_NAMESPACE = f"bench-burst-{os.getpid()}", f"bench-steady-{os.getpid()}"
 
 
-def burst(kube: Kube, operator: Operator, jobs: int, pods: bool = True) -> dict[str, Any]:
+def burst(
+    kube: Kube, operator: Operator, jobs: int, pods: bool = True, profile: bool = False
+) -> dict[str, Any]:
     namespace = BURST_NAMESPACE
     seen = watch_first(namespace)
     first_pods = watch_first(namespace, pods=True) if pods else None
@@ -407,6 +504,7 @@ def burst(kube: Kube, operator: Operator, jobs: int, pods: bool = True) -> dict[
     before, cpu_before, cpu = operator.total(), operator.cpu_seconds(), cpu_by_program()
     reconciles = operator.total("lmforge_reconcile_total")
     requests = served(kube)
+    profiler = ApiServerProfile(kube) if profile else None
     started = time.monotonic()
     create_jobs(kube, namespace, [f"job-{i:04d}" for i in range(jobs)])
     created = time.monotonic() - started
@@ -423,6 +521,8 @@ def burst(kube: Kube, operator: Operator, jobs: int, pods: bool = True) -> dict[
         "cpu_seconds_by_program": cpu_since(cpu),
         "control_plane_before": idle,
     }
+    if profiler is not None:
+        result["api_server_cpu_by_work"] = profiler.stop()
     return result | pods_and_timeline(seen, first_pods, started, jobs)
 
 
@@ -487,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kubeconfig", type=Path, help="use this cluster (default: start one; one round)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="the first floor and burst: the API server's CPU by what it did (go tool pprof)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -541,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
     with control_plane(args.kubeconfig) as kubeconfig:
         kube = connect(kubeconfig)
         print(f"floor: a bare client applies the children of {args.jobs} jobs ...", flush=True)
-        floor_result = floor(kube, args.jobs)
+        floor_result = floor(kube, args.jobs, profile=args.profile)
         if args.kubeconfig is not None:
             kube.request("DELETE", f"/api/v1/namespaces/{floor_result['namespace']}")
             floor_result["settled_after"] = settle()
@@ -566,8 +671,21 @@ def run(args: argparse.Namespace) -> int:
             "; ".join(f"{r['floor_cpu_seconds']} / {r['burst_cpu_seconds']}" for r in rounds),
         ),
     ]
+    if args.profile:
+        rows += work_rows(floor_result, report["burst"])
     publish(report, args.out, f"operator_scale: {args.jobs} jobs", rows)
     return 0
+
+
+def work_rows(floor: dict[str, Any], burst: dict[str, Any]) -> list[tuple[str, str]]:
+    """The API server's CPU seconds by work in the first floor and burst, what the burst
+    added most first."""
+    before, after = floor["api_server_cpu_by_work"], burst["api_server_cpu_by_work"]
+    works = sorted(set(before) | set(after), key=lambda w: before.get(w, 0) - after.get(w, 0))
+    total = f"{sum(before.values()):.1f} / {sum(after.values()):.1f}"
+    return [("API-server CPU-s by work: floor / operator", total)] + [
+        (f"  {work}", f"{before.get(work, 0):.1f} / {after.get(work, 0):.1f}") for work in works
+    ]
 
 
 def _round(r: dict[str, float]) -> str:
@@ -625,7 +743,7 @@ def operator_phases(
     rss_at_start = operator.rss_bytes()
     try:
         print(f"burst: {args.jobs} FinetuneJobs at once ...", flush=True)
-        burst_result = burst(kube, operator, args.jobs)
+        burst_result = burst(kube, operator, args.jobs, profile=args.profile)
         print(f"  {json.dumps(burst_result)}; floor {floor_result['seconds']:.1f}s", flush=True)
         burst_result["settled_after"] = settle()
         print(f"steady: {args.rate:g} jobs/s for {args.steady_seconds:g}s ...", flush=True)

@@ -205,7 +205,7 @@ class Cluster:
                 f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
                 f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--allow-privileged=true",
-                "--profiling=false",
+                "--profiling=true",  # CPU profiles for benchmarks.operator_scale --profile
                 "--v=1",
             ],
         )
