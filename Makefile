@@ -67,7 +67,7 @@ lint: install
 # the same run).
 bench: install
 	$(PY) -m benchmarks.serving
-	$(PY) -m benchmarks.operator_scale --jobs 1000 --steady-seconds 5 --settle-seconds 10
+	$(PY) -m benchmarks.operator_scale --jobs 1000 --steady-seconds 5 --settle-seconds 10 --profile
 	$(PY) -m benchmarks.trainer_overhead --steps 100 --repeats 16
 	$(PY) -m benchmarks.data_loading --sizes 200000 2000000 --baseline-max 200000
 

@@ -17,7 +17,10 @@ about a second), in one run:
 6. rounds: more floor/burst pairs (`--rounds`, default 5 in all), the burst first in
    every second one, each until the Jobs exist; the goal is on the median of the rounds'
    ratios, as one pair moves by half its value when the machine's speed drifts. Each
-   round also records the CPU seconds all programs used in either phase.
+   round also records the CPU seconds all programs used in either phase;
+7. `--profile`: where the API server's CPU went in the first floor and burst, by what it
+   did (our custom resources, applies, other patches, watches, Go's garbage collection,
+   HTTP and TLS, ...), from its own profiler (/debug/pprof; read with `go tool pprof`).
 
 The floor runs on one fresh control plane and the operator's phases on another, started
 after the first is stopped, so neither is charged for the work the other set off; the
@@ -26,6 +29,7 @@ Requests the API server served per job (apiserver_request_total, by verb and res
 are recorded for the floor and burst.
 
     python -m benchmarks.operator_scale                  # 1000 jobs
+    python -m benchmarks.operator_scale --profile        # and the API server's CPU by work
     python -m benchmarks.operator_scale --jobs 200 --steady-seconds 10
     python -m benchmarks.operator_scale --kubeconfig .lmforge/cluster/kubeconfig  # one
                                                         # cluster: settles between phases
@@ -818,7 +822,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
         f"--resync-seconds {args.resync_seconds:g}",
         f"--rounds {args.rounds}",
     ]
-    return out
+    return out + ["--profile"] * args.profile
 
 
 if __name__ == "__main__":
