@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-
+    if args.profile and shutil.which("go") is None:
+        parser.error("--profile reads the profiles with `go tool pprof`: Go is not on PATH")
     return run(args)
 
 
