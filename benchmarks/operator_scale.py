@@ -226,15 +226,8 @@ class ApiServerProfile(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            prepared = self.kube.api.param_serialize(
-                method="GET",
-                resource_path="/debug/pprof/profile",
-                query_params=[("seconds", str(self.WINDOW))],
-                auth_settings=["BearerToken"],
-            )
-            response = self.kube.api.call_api(*prepared[:4], _request_timeout=self.WINDOW + 30)
-            response.read()
-            self.windows.append(response.data)
+            query = [("seconds", str(self.WINDOW))]
+            self.windows.append(read(self.kube, "/debug/pprof/profile", query, self.WINDOW + 30))
 
     def stop(self) -> dict[str, float]:
         self.done.set()
@@ -415,17 +408,24 @@ def cpu_since(before: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.5}
 
 
+def read(
+    kube: Kube, path: str, query: list[tuple[str, str]] | None = None, timeout: float = 60
+) -> bytes:
+    """The body of a GET of the API server that is not a JSON object (metrics, profiles)."""
+    prepared = kube.api.param_serialize(
+        method="GET", resource_path=path, query_params=query or [], auth_settings=["BearerToken"]
+    )
+    response = kube.api.call_api(*prepared[:4], _request_timeout=timeout)
+    response.read()
+    return bytes(response.data)
+
+
 def served(kube: Kube) -> dict[str, float]:
     """Requests the API server has served so far, by verb and resource
     (apiserver_request_total, every client: the operator, controllers, the benchmark)."""
-    prepared = kube.api.param_serialize(
-        method="GET", resource_path="/metrics", auth_settings=["BearerToken"]
-    )
-    response = kube.api.call_api(*prepared[:4])
-    response.read()
     out: dict[str, float] = {}
     for labels, value in re.findall(
-        r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$", response.data.decode(), re.M
+        r"^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$", read(kube, "/metrics").decode(), re.M
     ):
         found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         sub = found.get("subresource")
