@@ -75,14 +75,16 @@ def job(name: str, model: Path, steps: int, changes: dict[str, Any]) -> dict[str
 
 def run(name: str, model: Path, work: Path, changes: dict[str, Any]) -> dict[str, Any]:
     out = work / name
-    lmforge = str(Path(sys.executable).parent / "lmforge")
+    # The CLI as its console script runs it, found without the script (an environment
+    # may have the package on its path and no `lmforge` in bin/).
+    lmforge = [sys.executable, "-m", "lmforge.cli"]
     results = []
     for steps in (4, 6):  # the second run resumes from the first one's checkpoint
         path = work / f"{name}-{steps}.yaml"
         path.write_text(yaml.safe_dump(job(name, model, steps, changes), sort_keys=False))
         started = time.monotonic()
         proc = subprocess.run(
-            [lmforge, "run", str(path), "--output", str(out)],
+            [*lmforge, "run", str(path), "--output", str(out)],
             capture_output=True,
             text=True,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},

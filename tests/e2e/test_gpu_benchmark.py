@@ -36,3 +36,24 @@ def test_a_cpu_run_never_writes_the_gpu_results() -> None:
 
     with pytest.raises(SystemExit):
         gpu_training.main(["--cpu"])
+
+
+def test_one_workload_run_keeps_the_other_from_the_same_gpu(tmp_path: Path) -> None:
+    """`--only lora` after `--only full` (one device command each) leaves both in the file,
+    each with its own date and command; a file from another GPU or software is not mixed in."""
+    from benchmarks.gpu_training import keep_earlier_workloads
+
+    machine = {"gpu": "H100", "gpus": 1, "versions": {"torch": "2.11"}, "platform": "a"}
+    earlier = {"date": "d1", "command": "c1", "machine": machine, "workloads": {"full": {}}}
+    out = tmp_path / "gpu_training.json"
+    out.write_text(json.dumps(earlier))
+
+    def now(**changes: object) -> dict:
+        return {"machine": {**machine, "platform": "b", **changes}, "workloads": {"lora": {}}}
+
+    report = now()
+    assert keep_earlier_workloads(report, out) == ["full"]
+    assert report["workloads"] == {"lora": {}, "full": {"date": "d1", "command": "c1"}}
+    assert keep_earlier_workloads(now(versions={"torch": "2.15"}), out) == []
+    assert keep_earlier_workloads(now(gpu="H200"), out) == []
+    assert keep_earlier_workloads(now(), tmp_path / "absent.json") == []

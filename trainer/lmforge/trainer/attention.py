@@ -21,6 +21,8 @@ attention it covers (causal, no sliding window, no logit soft-capping, no dropou
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 from typing import Any
@@ -84,13 +86,26 @@ def varlen_attention_forward(
         target = get_target_dtype(q, module)  # autocast leaves RoPE's output in fp32
         if target is not None:
             q, k, v = q.to(target), k.to(target), v.to(target)
+        gqa_kwargs: dict[str, bool] = {}
+        if gqa and _kernel_takes_gqa():
+            gqa_kwargs["enable_gqa"] = True
+        elif gqa:  # an older kernel: each query head gets its own copy of its key/value head
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
         out = varlen_attn(
             q, k, v, bounds, bounds, longest, longest,
-            scale=scaling, window_size=(-1, 0), enable_gqa=gqa,
+            scale=scaling, window_size=(-1, 0), **gqa_kwargs,
         )  # fmt: skip
     else:
         out = _records_through_sdpa(q, k, v, bounds.tolist(), scaling, gqa)
     return out.view(batch, length, heads, value.shape[3]), None
+
+
+@functools.cache
+def _kernel_takes_gqa() -> bool:
+    """Whether this PyTorch's varlen kernel groups query heads itself (`enable_gqa`)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def _sequence_bounds(
