@@ -12,10 +12,12 @@ Bytes per parameter, as LMForge trains (see lmforge.trainer.model):
 - gradients: fp32, trainable parameters only;
 - optimizer: AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor ~0.5
   (factored second moments), SGD 0 (no momentum);
-- activations per layer and sequence token: ~17 values of hidden size in the
-  compute dtype (Korthikanti et al. 2022, with fused attention so the s^2 term
-  vanishes); with gradient checkpointing one value per layer plus one full layer;
-  plus the logits and their fp32 copy for the loss.
+- activations: per layer and token what transformers' Llama layers keep for the
+  backward pass (layer_activation_bytes, measured: fused attention, so no s^2 term),
+  plus, under 16-bit autocast, the 16-bit copy of every weight multiplied by (2 bytes a
+  parameter; not kept with gradient checkpointing, which keeps one fp32 hidden state
+  per layer and recomputes one layer at a time); plus the logits and their fp32 copy
+  for the loss.
 An AlignmentJob's reference and reward models are not counted (yet).
 """
 
@@ -38,7 +40,13 @@ OPTIMIZER_BYTES = {
     "adafactor": 0.5,
     "sgd": 0.0,
 }
-ACTIVATION_VALUES_PER_TOKEN_AND_HIDDEN = 17
+# Bytes a decoder layer keeps for backward per token, per unit of hidden size, MLP
+# intermediate size and key/value width: in fp32, and under 16-bit autocast over fp32
+# weights. Measured on transformers' Llama with saved-tensor hooks (tests/unit/
+# test_memory.py measures them again); the residual stream and the norms stay fp32
+# either way. Under autocast each linear layer also keeps the 16-bit copy of its weight
+# that it multiplied by: 2 bytes a parameter, held until the backward pass reaches it.
+LAYER_ACTIVATION_BYTES = {4: (32, 16, 8), 2: (30, 8, 4)}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "zero3-offload"]
@@ -185,6 +193,14 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
 
 
+def layer_activation_bytes(shape: ModelShape, compute: int) -> float:
+    """Bytes one decoder layer keeps for the backward pass per token, computing in
+    `compute`-byte floats (4: fp32; 2: bf16/fp16 autocast over fp32 weights)."""
+    hidden, intermediate, kv = LAYER_ACTIVATION_BYTES[compute]
+    kv_width = shape.kv_heads * shape.head_dim
+    return hidden * shape.hidden_size + intermediate * shape.intermediate_size + kv * kv_width
+
+
 def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
     """The memory a run of `spec` needs for a model of `shape`."""
     method, training = spec.tuning, spec.training
@@ -205,12 +221,16 @@ def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
     else:
         compute = 4 if training.precision == "fp32" else 2
     tokens = training.batch_size.per_device * max_seq_length
-    per_layer = ACTIVATION_VALUES_PER_TOKEN_AND_HIDDEN * tokens * shape.hidden_size * compute
-    if training.gradient_checkpointing:
-        layers = shape.layers * tokens * shape.hidden_size * compute + per_layer
+    # Autocast's 16-bit copies of fp32 weights (quantized weights are dequantized per use).
+    copy = compute if compute < 4 and quant is None else 0
+    per_layer = tokens * layer_activation_bytes(shape, compute) + shape.layer_parameters * copy
+    if training.gradient_checkpointing:  # each layer's fp32 input, then one layer recomputed
+        layers = shape.layers * tokens * shape.hidden_size * 4 + per_layer
     else:
         layers = shape.layers * per_layer
-    logits = tokens * shape.vocab_size * (compute + 4)
+    head = shape.vocab_size * shape.hidden_size * copy
+    ends = tokens * shape.hidden_size * 8  # the embeddings' output and the final norm's, fp32
+    logits = tokens * shape.vocab_size * (compute + 4) + head + ends
     extra = trainable * 4 if method.type in ADAPTER_TYPES else 0  # adapters keep fp32 copies
     return MemoryEstimate(
         parameters=total,
