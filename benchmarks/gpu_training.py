@@ -188,7 +188,7 @@ def training_flops(params: int, config: dict[str, Any], tokens: float, length: f
 
 def worker_lmforge(
     model: Path, data: Path, workload: dict[str, Any], steps: int, out: Path
-) -> None:
+) -> dict[str, Any]:
     import torch
     import yaml
 
@@ -232,9 +232,17 @@ def worker_lmforge(
     code = trainer_main(["run", "--config", str(config.output_dir / "run.json")])
     if code:
         raise SystemExit(f"lmforge run failed (exit {code}): its error is above")
+    # What the pre-flight estimate said this run needs on one GPU, beside what it took.
+    from lmforge.api.memory import plan_strategy
+
+    memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    choice = plan_strategy(json.loads((model / "config.json").read_text()), obj.spec, memory)
+    return {"estimated_gpu_memory_bytes": choice.per_gpu}
 
 
-def worker_trl(model: Path, data: Path, workload: dict[str, Any], steps: int, out: Path) -> None:
+def worker_trl(
+    model: Path, data: Path, workload: dict[str, Any], steps: int, out: Path
+) -> dict[str, Any]:
     """TRL's SFTTrainer with its defaults; only what makes the runs comparable is set."""
     import torch
     from datasets import load_dataset
@@ -267,17 +275,22 @@ def worker_trl(model: Path, data: Path, workload: dict[str, Any], steps: int, ou
         processing_class=tokenizer,
         peft_config=peft_config,
     ).train()
+    return {}
 
 
 def worker(args: argparse.Namespace) -> None:
+    import torch
+
     from benchmarks.trainer_overhead import Measure
 
     measure = Measure(args.warmup)
     measure.install()
     out = Path(args.out)
     run = worker_trl if args.worker == "trl" else worker_lmforge
-    run(Path(args.model), Path(args.data), workload_of(args.workload), args.steps, out)
-    result = measure.result()
+    extra = run(Path(args.model), Path(args.data), workload_of(args.workload), args.steps, out)
+    result = {**measure.result(), **extra}
+    cuda = torch.cuda.is_available()
+    result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
     result["real_tokens"], result["all_tokens"] = measure.real_tokens, measure.all_tokens
     result["steps"] = len(measure.step_ends)
     (out / "measure.json").write_text(json.dumps(result))
@@ -384,11 +397,20 @@ def main(argv: list[str] | None = None) -> int:
             for kind in ("lmforge", "trl"):
                 m = results[kind]
                 mfu = f"{100 * m['mfu']:.1f} %" if m["mfu"] is not None else "?"
-                rows.append((f"{name} {kind}", f"{m['tokens_per_second_per_gpu']:,.0f}", mfu))
-            rows.append((f"{name} lmforge / trl", f"{ratio:.2f}x", ""))
+                peak = m.get("peak_gpu_memory_bytes")
+                estimate = m.get("estimated_gpu_memory_bytes")
+                memory = f"{peak / 2**30:.1f}" if peak else "-"
+                memory += f" (est. {estimate / 2**30:.1f})" if estimate and peak else ""
+                rows.append(
+                    (f"{name} {kind}", f"{m['tokens_per_second_per_gpu']:,.0f}", mfu, memory)
+                )
+            rows.append((f"{name} lmforge / trl", f"{ratio:.2f}x", "", ""))
     kept = keep_earlier_workloads(report, Path(args.out))
     publish(
-        report, Path(args.out), f"gpu_training on {device}", [("run", "tokens/s/GPU", "MFU"), *rows]
+        report,
+        Path(args.out),
+        f"gpu_training on {device}",
+        [("run", "tokens/s/GPU", "MFU", "peak GiB"), *rows],
     )
     if kept:
         print(f"kept from an earlier run on this GPU: {', '.join(kept)}")

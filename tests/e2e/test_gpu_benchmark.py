@@ -28,6 +28,9 @@ def test_both_trainers_run_and_are_compared(tmp_path: Path) -> None:
         assert run["steps"] == 4 and run["steps_timed"] == 2
         assert run["real_tokens_per_batch"] > 0 and run["tokens_per_second_per_gpu"] > 0
         assert run["mfu"] is None  # no peak FLOP/s to divide by on a CPU
+        assert run["peak_gpu_memory_bytes"] is None
+    # The pre-flight estimate, to compare with the peak on a GPU (here: per CPU process).
+    assert smoke["lmforge"]["estimated_gpu_memory_bytes"] > 0
     assert math.isfinite(smoke["ratio_to_trl"]) and smoke["ratio_to_trl"] > 0
 
 
