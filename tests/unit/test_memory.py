@@ -245,8 +245,8 @@ def _saved_for_backward(config: dict[str, Any], tokens: int, autocast: bool, lor
 def test_activations_match_what_a_llama_keeps_for_backward(precision: str, method: str) -> None:
     """The estimate against the bytes transformers' Llama really keeps, for two shapes
     (other MLP and key/value widths) at two lengths: never under by more than 2 %, and over
-    by at most 25 % (LoRA keeps 10 to 17 % less than full fine-tuning; the estimate does not
-    tell them apart). The estimate this replaced (17 values of hidden size a layer and
+    by at most 25 % (the estimate counts LoRA as full fine-tuning, which keeps about a tenth
+    more a token). The estimate this replaced (17 values of hidden size a layer and
     token, no weight copies) was under by about half in bf16: `auto` said an 8B LoRA run fits an
     80 GB H100 (70.4 of 71.3 GiB usable), and it ran out of memory there."""
     torch = pytest.importorskip("torch")
