@@ -12,9 +12,11 @@ if [ ! -f "$SITE/.installed" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "$WHEELS"/*.whl > "$OUT/pip.log" 2>&1 && touch "$SITE/.installed"
 fi
-# One import package from the three source roots, as setup.py's package_dir maps them.
+# One import package from the three source roots, as setup.py's package_dir maps them
+# (links in the checkout, removed again on exit).
 ln -sfn ../trainer/lmforge/trainer lmforge/trainer
 ln -sfn ../operator/lmforge/operator lmforge/operator
+trap 'rm -f lmforge/trainer lmforge/operator' EXIT
 printf '#!/bin/sh\nexec python3 -m lmforge.cli "$@"\n' > "$SITE/bin/lmforge"
 chmod +x "$SITE/bin/lmforge"
 export PYTHONPATH=$PWD:$SITE PATH=$SITE/bin:$PATH PYTHONUNBUFFERED=1

@@ -222,13 +222,13 @@ def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
         compute = 4 if training.precision == "fp32" else 2
     tokens = training.batch_size.per_device * max_seq_length
     # Autocast's 16-bit copies of fp32 weights (quantized weights are dequantized per use).
-    copy = compute if compute < 4 and quant is None else 0
-    per_layer = tokens * layer_activation_bytes(shape, compute) + shape.layer_parameters * copy
+    copied = compute if compute < 4 and quant is None else 0  # bytes a weight
+    per_layer = tokens * layer_activation_bytes(shape, compute) + shape.layer_parameters * copied
     if training.gradient_checkpointing:  # each layer's fp32 input, then one layer recomputed
         layers = shape.layers * tokens * shape.hidden_size * 4 + per_layer
     else:
         layers = shape.layers * per_layer
-    head = shape.vocab_size * shape.hidden_size * copy
+    head = shape.vocab_size * shape.hidden_size * copied
     ends = tokens * shape.hidden_size * 8  # the embeddings' output and the final norm's, fp32
     logits = tokens * shape.vocab_size * (compute + 4) + head + ends
     extra = trainable * 4 if method.type in ADAPTER_TYPES else 0  # adapters keep fp32 copies
