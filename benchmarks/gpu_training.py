@@ -232,12 +232,12 @@ def worker_lmforge(
     code = trainer_main(["run", "--config", str(config.output_dir / "run.json")])
     if code:
         raise SystemExit(f"lmforge run failed (exit {code}): its error is above")
-    # What the pre-flight estimate said this run needs on one GPU, beside what it took.
-    from lmforge.api.memory import plan_strategy
+    # What the trainer's pre-flight estimate said this run needs on one GPU (the same call
+    # as its first log line), to set beside what it took.
+    from lmforge.trainer.launch import resolve_auto_strategy
 
-    memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    choice = plan_strategy(json.loads((model / "config.json").read_text()), obj.spec, memory)
-    return {"estimated_gpu_memory_bytes": choice.per_gpu}
+    _, choice = resolve_auto_strategy(config)
+    return {"estimated_gpu_memory_bytes": choice.per_gpu if choice else None}
 
 
 def worker_trl(

@@ -230,7 +230,8 @@ def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
         layers = shape.layers * per_layer
     head = shape.vocab_size * shape.hidden_size * copied
     ends = tokens * shape.hidden_size * 8  # the embeddings' output and the final norm's, fp32
-    logits = tokens * shape.vocab_size * (compute + 4) + head + ends
+    logits = tokens * shape.vocab_size * (compute + 4)  # and their fp32 copy for the loss
+    outside_layers = logits + head + ends
     extra = trainable * 4 if method.type in ADAPTER_TYPES else 0  # adapters keep fp32 copies
     return MemoryEstimate(
         parameters=total,
@@ -238,7 +239,7 @@ def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
         weights=weights + extra,
         gradients=trainable * 4.0,
         optimizer=trainable * OPTIMIZER_BYTES[training.optimizer],
-        activations=float(layers + logits),
+        activations=float(layers + outside_layers),
         layer_weights=layer_bytes,
     )
 
