@@ -270,6 +270,10 @@ class LisaSpec(ApiModel):
 
 
 ADAPTER_TYPES = ("lora", "qlora", "dora", "ia3", "adalora")
+# Methods that train small added weights over a frozen, unquantized base: under mixed
+# precision the base is kept in the 16-bit compute dtype and only the added weights in fp32
+# (full and lisa update the base's own weights; qlora's base is quantized).
+SIXTEEN_BIT_BASE_TYPES = ("lora", "dora", "ia3", "adalora", "prefix-tuning", "prompt-tuning")
 _MERGEABLE = "['lora','qlora','dora','ia3','adalora']"
 
 
@@ -376,7 +380,10 @@ class TrainingSpec(ApiModel):
     max_grad_norm: float = field_("Gradient clipping norm (0 disables).", 1.0, ge=0)
     batch_size: BatchSize = object_field(BatchSize, "Batch sizes.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field_(
-        "Compute precision; auto uses bf16 where the GPU supports it, fp32 on CPU.", "auto"
+        "Compute precision; auto uses bf16 where the GPU supports it, fp32 on CPU. In bf16 and "
+        "fp16, trained weights stay fp32 (autocast) and an adapter's frozen base is kept in "
+        "the 16-bit dtype.",
+        "auto",
     )
     gradient_checkpointing: bool = field_(
         "Recompute activations in backward to save memory.", False

@@ -7,17 +7,19 @@ optimizer states and activations, per GPU); they decide between strategies that
 differ by multiples, not by a few percent.
 
 Bytes per parameter, as LMForge trains (see lmforge.trainer.model):
-- weights: fp32 (mixed precision autocasts fp32 weights), 4-bit 0.5, 8-bit 1
-  (QLoRA; embeddings and the head stay 16-bit);
+- weights: fp32 for full fine-tuning and lisa (mixed precision autocasts fp32 weights);
+  adapter methods keep their frozen base in the 16-bit compute dtype under mixed
+  precision, their own weights in fp32; 4-bit 0.5, 8-bit 1 (QLoRA; embeddings and the
+  head stay 16-bit);
 - gradients: fp32, trainable parameters only;
 - optimizer: AdamW 8 (two fp32 moments), 8-bit AdamW 2, Adafactor ~0.5
   (factored second moments), SGD 0 (no momentum);
 - activations: per layer and token what transformers' Llama layers keep for the
-  backward pass (layer_activation_bytes, measured: fused attention, so no s^2 term),
-  plus, under 16-bit autocast, the 16-bit copy of every weight multiplied by (2 bytes a
-  parameter; not kept with gradient checkpointing, which keeps one fp32 hidden state
-  per layer and recomputes one layer at a time); plus the logits and their fp32 copy
-  for the loss.
+  backward pass (layer_activation_bytes, measured: fused attention, so no s^2 term; LoRA's
+  dropout keeps each adapted projection's input again), plus, under 16-bit autocast, the
+  16-bit copy of every fp32 weight multiplied by (2 bytes a parameter; not kept with
+  gradient checkpointing, which keeps one hidden state per layer and recomputes one layer
+  at a time); plus the logits and their fp32 copy for the loss.
 An AlignmentJob's reference and reward models are not counted (yet).
 """
 
@@ -27,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lmforge.api.common import ADAPTER_TYPES, TuningMethod
+from lmforge.api.common import SIXTEEN_BIT_BASE_TYPES, TuningMethod
 from lmforge.api.kinds import TrainingJobSpec
 
 GIB = 1024**3
@@ -41,12 +43,18 @@ OPTIMIZER_BYTES = {
     "sgd": 0.0,
 }
 # Bytes a decoder layer keeps for backward per token, per unit of hidden size, MLP
-# intermediate size and key/value width: in fp32, and under 16-bit autocast over fp32
-# weights. Measured on transformers' Llama with saved-tensor hooks (tests/unit/
-# test_memory.py measures them again); the residual stream and the norms stay fp32
-# either way. Under autocast each linear layer also keeps the 16-bit copy of its weight
+# intermediate size and key/value width, by how the layer computes: in fp32; in 16 bits
+# under autocast over fp32 weights (the residual stream and the norms stay fp32); over a
+# 16-bit base (adapter methods: the residual stream is 16-bit too). Measured on
+# transformers' Llama with saved-tensor hooks (tests/unit/test_memory.py measures them
+# again). Under autocast each linear layer also keeps the 16-bit copy of its fp32 weight
 # that it multiplied by: 2 bytes a parameter, held until the backward pass reaches it.
-LAYER_ACTIVATION_BYTES = {4: (32, 16, 8), 2: (30, 8, 4)}
+LAYER_ACTIVATION_BYTES = {"fp32": (32, 16, 8), "autocast": (30, 8, 4), "16-bit": (26, 9, 5)}
+# LoRA's dropout (lora.dropout > 0) keeps each adapted projection's input again, dropped, with
+# its mask: per unit of hidden and intermediate size (measured as above; all-linear targets).
+LORA_DROPOUT_BYTES = {"fp32": (40, 4), "autocast": (24, 4), "16-bit": (24, 4)}
+DROPOUT_TYPES = ("lora", "qlora", "dora", "adalora")
+Regime = Literal["fp32", "autocast", "16-bit"]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "zero3-offload"]
@@ -193,50 +201,71 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
 
 
-def layer_activation_bytes(shape: ModelShape, compute: int) -> float:
-    """Bytes one decoder layer keeps for the backward pass per token, computing in
-    `compute`-byte floats (4: fp32; 2: bf16/fp16 autocast over fp32 weights)."""
-    hidden, intermediate, kv = LAYER_ACTIVATION_BYTES[compute]
+def layer_activation_bytes(shape: ModelShape, regime: Regime, lora_dropout: bool = False) -> float:
+    """Bytes one decoder layer keeps for the backward pass per token when it computes as
+    `regime` says (LAYER_ACTIVATION_BYTES), with LoRA's dropout or without."""
+    hidden, intermediate, kv = LAYER_ACTIVATION_BYTES[regime]
     kv_width = shape.kv_heads * shape.head_dim
-    return hidden * shape.hidden_size + intermediate * shape.intermediate_size + kv * kv_width
+    kept = hidden * shape.hidden_size + intermediate * shape.intermediate_size + kv * kv_width
+    if lora_dropout:
+        hidden, intermediate = LORA_DROPOUT_BYTES[regime]
+        kept += hidden * shape.hidden_size + intermediate * shape.intermediate_size
+    return kept
+
+
+def compute_regime(spec: TrainingJobSpec) -> Regime:
+    """How the layers compute: fp32, 16-bit autocast over fp32 (or quantized) weights, or
+    over a 16-bit base (adapter methods in mixed precision)."""
+    precision = spec.training.precision
+    if precision == "auto":
+        precision = "bf16" if spec.distributed.gpus_per_node > 0 else "fp32"
+    if precision == "fp32":
+        return "fp32"
+    return "16-bit" if spec.tuning.type in SIXTEEN_BIT_BASE_TYPES else "autocast"
 
 
 def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
     """The memory a run of `spec` needs for a model of `shape`."""
     method, training = spec.tuning, spec.training
     max_seq_length = spec.dataset.max_seq_length
-    on_gpu = spec.distributed.gpus_per_node > 0
     total = shape.parameters
     trainable = trainable_parameters(shape, method)
+    regime = compute_regime(spec)
     quant = method.quantization if method.type == "qlora" else None
     if quant is not None:
         per_weight = 0.5 if quant.bits == 4 else 1.0
         layer_bytes = shape.layer_parameters * per_weight
         weights = shape.layers * layer_bytes + (shape.embedding_parameters + shape.hidden_size) * 2
     else:
-        layer_bytes = shape.layer_parameters * 4.0
-        weights = total * 4.0
-    if training.precision == "auto":
-        compute = 2 if on_gpu else 4
-    else:
-        compute = 4 if training.precision == "fp32" else 2
+        base_bytes = 2.0 if regime == "16-bit" else 4.0
+        layer_bytes = shape.layer_parameters * base_bytes
+        weights = total * base_bytes
+    added = trainable * 4 if method.type not in ("full", "lisa") else 0  # the adapter, fp32
     tokens = training.batch_size.per_device * max_seq_length
-    # Autocast's 16-bit copies of fp32 weights (quantized weights are dequantized per use).
-    copied = compute if compute < 4 and quant is None else 0  # bytes a weight
-    per_layer = tokens * layer_activation_bytes(shape, compute) + shape.layer_parameters * copied
-    if training.gradient_checkpointing:  # each layer's fp32 input, then one layer recomputed
-        layers = shape.layers * tokens * shape.hidden_size * 4 + per_layer
+    # Autocast's 16-bit copies of fp32 weights (quantized weights are dequantized per use; a
+    # 16-bit base needs none, only the adapter's fp32 weights are copied).
+    copied = 2 if regime == "autocast" and quant is None else 0  # bytes a base weight
+    adapter_copies = trainable * 2 if regime != "fp32" and added else 0
+    dropout = method.type in DROPOUT_TYPES and method.lora.dropout > 0
+    per_layer = (
+        tokens * layer_activation_bytes(shape, regime, dropout)
+        + shape.layer_parameters * copied
+        + adapter_copies / shape.layers
+    )
+    if training.gradient_checkpointing:  # each layer's input, then one layer recomputed
+        residual = 2 if regime == "16-bit" else 4
+        layers = shape.layers * tokens * shape.hidden_size * residual + per_layer
     else:
         layers = shape.layers * per_layer
+    compute = 4 if regime == "fp32" else 2
     head = shape.vocab_size * shape.hidden_size * copied
-    ends = tokens * shape.hidden_size * 8  # the embeddings' output and the final norm's, fp32
+    ends = tokens * shape.hidden_size * 8  # the embeddings' output and the final norm's
     logits = tokens * shape.vocab_size * (compute + 4)  # and their fp32 copy for the loss
     outside_layers = logits + head + ends
-    extra = trainable * 4 if method.type in ADAPTER_TYPES else 0  # adapters keep fp32 copies
     return MemoryEstimate(
         parameters=total,
         trainable=trainable,
-        weights=weights + extra,
+        weights=weights + added,
         gradients=trainable * 4.0,
         optimizer=trainable * OPTIMIZER_BYTES[training.optimizer],
         activations=float(layers + outside_layers),

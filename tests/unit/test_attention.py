@@ -144,7 +144,7 @@ def test_load_model_sets_it_for_a_half_precision_cuda_run(
             str(tiny_model),
             method=TuningMethod(),
             training=TrainingSpec(),
-            precision=Precision(precision, torch.float32),
+            precision=Precision(precision),
         )
 
     assert load("bf16").config._attn_implementation != VARLEN  # no CUDA here

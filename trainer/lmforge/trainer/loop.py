@@ -17,7 +17,7 @@ import torch.distributed as dist
 from lmforge.trainer import checkpoints, export, sharding
 from lmforge.trainer.console import Console
 from lmforge.trainer.launch import rank, strategy_problem
-from lmforge.trainer.model import MethodError, Precision, parameter_counts
+from lmforge.trainer.model import MethodError, Precision, parameter_counts, weight_dtypes
 from lmforge.trainer.progress import ProgressReporter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -392,6 +392,8 @@ def run_metrics(trainer: Any, result: Any, resume: Path | None, started: float) 
         "peak_memory_bytes": peak_memory(),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        **weight_dtypes(trainer.model),
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
         "world_size": trainer.args.world_size,
         "strategy": sharding.strategy_in_use(trainer),

@@ -13,7 +13,7 @@ from lmforge.trainer.attention import attention_for
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lmforge.api.common import RopeScaling, TrainingSpec, TuningMethod
+from lmforge.api.common import SIXTEEN_BIT_BASE_TYPES, RopeScaling, TrainingSpec, TuningMethod
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +27,29 @@ class Precision:
     """Resolved numeric precision of a run."""
 
     name: str  # bf16 | fp16 | fp32
-    load_dtype: torch.dtype
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """What the layers compute in: the autocast dtype in mixed precision."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name, torch.float32)
 
+    def weights_dtype(self, method: TuningMethod) -> torch.dtype:
+        """What the model's own weights are loaded in. What the optimizer updates stays fp32
+        (the trainer autocasts); a frozen base under adapters is only ever multiplied by, so
+        it is kept in the compute dtype: half the memory, and no 16-bit copy autocast would
+        make of every weight each step (the adapters are made fp32: `train_in_fp32`)."""
+        if method.type in SIXTEEN_BIT_BASE_TYPES:
+            return self.compute_dtype
+        return torch.float32
+
     @property
     def trainer_flags(self) -> dict[str, bool]:
         return {"bf16": self.name == "bf16", "fp16": self.name == "fp16"}
+
+    def autocast(self, device: torch.device) -> Any:
+        """Autocast to the compute dtype, as the Trainer wraps its steps: for the forward
+        passes a recipe makes itself (where a 16-bit base meets fp32 adapter weights)."""
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.name != "fp32")
 
 
 def resolve_precision(requested: str) -> Precision:
@@ -48,8 +61,7 @@ def resolve_precision(requested: str) -> Precision:
     if name in ("bf16", "fp16") and not cuda:
         log.warning("precision %s needs a GPU; training in fp32 on CPU", name)
         name = "fp32"
-    # Weights stay fp32 for mixed precision; the trainer autocasts.
-    return Precision(name, torch.float32)
+    return Precision(name)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -78,7 +90,10 @@ def load_model(
 ) -> PreTrainedModel:
     """Load the base model with quantization and RoPE scaling applied, and on CUDA the
     varlen attention (attention.py) where it covers the model."""
-    kwargs: dict[str, Any] = {"dtype": precision.load_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": precision.weights_dtype(method),
+        "trust_remote_code": trust_remote_code,
+    }
     if method.type == "qlora":
         kwargs["quantization_config"] = _bitsandbytes_config(method)
     if training.rope_scaling is not None:
@@ -201,7 +216,18 @@ def apply_method(
 
     if method.type == "qlora":
         model = peft.prepare_model_for_kbit_training(model)
-    return peft.get_peft_model(model, config)
+    return train_in_fp32(peft.get_peft_model(model, config))
+
+
+def train_in_fp32(model: nn.Module) -> nn.Module:
+    """Make every trainable weight fp32 (the optimizer's updates are too small for 16 bits,
+    and fp16's gradient scaler refuses 16-bit gradients). PEFT makes its adapter weights
+    fp32 over a 16-bit base itself, but not all it trains: a reward model's new score head,
+    say, is a copy of a 16-bit module. The frozen base keeps its dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+    return model
 
 
 def peft_config(
@@ -262,6 +288,21 @@ def peft_config(
     else:  # pragma: no cover - the API enum is exhaustive
         raise MethodError(f"method.type {method.type} is not supported")
     return config
+
+
+def weight_dtypes(model: nn.Module) -> dict[str, str | None]:
+    """The dtypes the trainable and the frozen weights are kept in (None: there are none;
+    "mixed" where they differ, as in a quantized base)."""
+
+    def dtype_of(trainable: bool) -> str | None:
+        kinds = {
+            str(p.dtype).removeprefix("torch.")
+            for p in model.parameters()
+            if p.requires_grad == trainable
+        }
+        return (kinds.pop() if len(kinds) == 1 else "mixed") if kinds else None
+
+    return {"trainable_weights_dtype": dtype_of(True), "frozen_weights_dtype": dtype_of(False)}
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -13,23 +13,24 @@ from typing import Any
 import torch
 from lmforge.trainer.model import (
     MethodError,
+    Precision,
     apply_method,
     load_model,
     load_tokenizer,
-    resolve_precision,
 )
 
 from lmforge.api.runconfig import RunConfig
 
 
 def load_policy(config: RunConfig) -> torch.nn.Module:
-    """The base model of the run with its tuning method applied (full, lora, ...)."""
+    """The base model of the run with its tuning method applied (full, lora, ...), in fp32:
+    raft and ppo step their own loops, which do not autocast."""
     spec = config.spec
     model = load_model(
         config.paths.model,
         method=spec.tuning,
         training=spec.training,
-        precision=resolve_precision(spec.training.precision),
+        precision=Precision("fp32"),
         trust_remote_code=spec.model.trust_remote_code,
     )
     if torch.cuda.is_available():

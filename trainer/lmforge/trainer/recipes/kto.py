@@ -38,7 +38,13 @@ from lmforge.trainer.loop import (
     training_kwargs,
     with_atomic_checkpoints,
 )
-from lmforge.trainer.model import load_tokenizer, parameter_counts, peft_config, resolve_precision
+from lmforge.trainer.model import (
+    load_tokenizer,
+    parameter_counts,
+    peft_config,
+    resolve_precision,
+    train_in_fp32,
+)
 from lmforge.trainer.progress import ProgressReporter
 from lmforge.trainer.recipes import preference, sft
 from transformers import set_seed
@@ -206,6 +212,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         callbacks=callbacks,
         peft_config=peft,
     )
+    train_in_fp32(trainer.model)  # TRL put the adapter on
     if spec.tuning.type == "adalora":
         trainer.add_callback(AdaLoraCallback(trainer.model))
     trainable, total = parameter_counts(trainer.model)

@@ -41,6 +41,7 @@ from lmforge.trainer.model import (
     parameter_counts,
     peft_config,
     resolve_precision,
+    train_in_fp32,
 )
 from lmforge.trainer.progress import ProgressReporter
 from lmforge.trainer.recipes import RecipeUnavailable
@@ -305,6 +306,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         callbacks=callbacks,
         peft_config=adapter,
     )
+    train_in_fp32(trainer.model)  # TRL put the adapter on
     trainable, total = parameter_counts(trainer.model)
     log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
 

@@ -45,6 +45,7 @@ from lmforge.trainer.model import (
     parameter_counts,
     peft_config,
     resolve_precision,
+    train_in_fp32,
 )
 from lmforge.trainer.progress import ProgressReporter
 from lmforge.trainer.recipes import sft
@@ -201,6 +202,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         peft_config=peft,
         **extra,
     )
+    train_in_fp32(trainer.model)  # TRL put the adapter on
     if spec.tuning.type == "adalora":
         trainer.add_callback(AdaLoraCallback(trainer.model))
     trainable, total = parameter_counts(trainer.model)

@@ -32,6 +32,7 @@ from lmforge.trainer.loop import (
 )
 from lmforge.trainer.model import (
     MethodError,
+    Precision,
     apply_method,
     load_pretrained,
     load_tokenizer,
@@ -82,7 +83,9 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> Da
 
 
 @torch.no_grad()
-def pair_accuracy(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 32) -> float:
+def pair_accuracy(
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], precision: Precision, batch_size: int = 32
+) -> float:
     """Fraction of pairs whose chosen text scores strictly higher than the rejected one."""
     was_training = model.training
     model.eval()
@@ -92,7 +95,8 @@ def pair_accuracy(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size:
         batch = pairs[start : start + batch_size]
         texts = [c for c, _ in batch] + [r for _, r in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        scores = model(**inputs.to(device)).logits[:, 0]
+        with precision.autocast(device):
+            scores = model(**inputs.to(device)).logits[:, 0]
         chosen, rejected = scores[: len(batch)], scores[len(batch) :]
         wins += int((chosen > rejected).sum())
     model.train(was_training)
@@ -128,7 +132,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         AutoModelForSequenceClassification,
         config.paths.model,
         num_labels=1,
-        dtype=precision.load_dtype,
+        dtype=precision.weights_dtype(spec.tuning),
         trust_remote_code=spec.model.trust_remote_code,
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
@@ -137,7 +141,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     trainable, total = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
 
-    accuracy_before = pair_accuracy(model, tokenizer, eval_pairs) if eval_pairs and main else None
+    accuracy_before = (
+        pair_accuracy(model, tokenizer, eval_pairs, precision) if eval_pairs and main else None
+    )
 
     from trl import RewardConfig, RewardTrainer
 
@@ -165,7 +171,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     scorer = trainer.model
     if hasattr(scorer, "merge_and_unload"):  # PEFT: one plain model directory for later jobs
         scorer = scorer.merge_and_unload()
-    accuracy = pair_accuracy(scorer, tokenizer, eval_pairs) if eval_pairs and main else None
+    accuracy = (
+        pair_accuracy(scorer, tokenizer, eval_pairs, precision) if eval_pairs and main else None
+    )
     if accuracy is not None:
         log.info(
             "held-out pair accuracy: %.1f%% (before training %.1f%%)",

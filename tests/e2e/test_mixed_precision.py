@@ -1,0 +1,111 @@
+"""Adapter runs in bf16 end to end, through each Trainer-based recipe: the frozen base in bf16,
+the adapter (and a reward model's head) trained in fp32 under autocast, checkpoints, held-out
+scoring and export. On a GPU `auto` precision is bf16; here the recipes are told bf16 and CPU
+autocast stands in for CUDA's (the memory and speed this buys are the GPU benchmark's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lmforge.trainer.model import Precision
+from lmforge.trainer.recipes import kto, online, preference, reward, run_recipe, sft
+
+from lmforge.api.kinds import TrainingJob
+from lmforge.api.validation import parse_object
+from lmforge.local import local_run_config
+from tests.e2e.conftest import DATA
+
+pytestmark = pytest.mark.slow
+
+LORA = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "targetModules": ["all-linear"]}}
+
+
+def _dataset(train: str, evaluation: str | None = None, **extra: Any) -> dict[str, Any]:
+    held_out = [{"uri": str(DATA / evaluation), **extra}] if evaluation else []
+    return {
+        "sources": [{"uri": str(DATA / train), **extra}],
+        "evalSplit": {"sources": held_out},
+        "maxSeqLength": 64,
+    }
+
+
+JOBS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sft": (
+        "FinetuneJob",
+        {
+            "dataset": _dataset("tiny-task-train.jsonl", "tiny-task-eval.jsonl"),
+            "method": {**LORA, "mergeOnExport": True},
+            "evaluation": {"metric": "exact-match", "maxSamples": 8},
+        },
+    ),
+    "reward-model": (
+        "AlignmentJob",
+        {
+            "dataset": _dataset("tiny-preferences-train.jsonl", "tiny-preferences-eval.jsonl"),
+            "method": {"type": "reward-model", "peft": LORA},
+        },
+    ),
+    "dpo": (
+        "AlignmentJob",
+        {
+            "dataset": _dataset("tiny-preferences-train.jsonl"),
+            "method": {"type": "dpo", "peft": LORA},
+        },
+    ),
+    "kto": (
+        "AlignmentJob",
+        {"dataset": _dataset("tiny-kto-train.jsonl"), "method": {"type": "kto", "peft": LORA}},
+    ),
+    "grpo": (
+        "AlignmentJob",
+        {
+            "dataset": _dataset("tiny-prompts-train.jsonl", format="prompt"),
+            "method": {
+                "type": "grpo",
+                "peft": LORA,
+                "beta": 0.0,
+                "rewards": [{"name": "exact", "rule": {"type": "exact-match", "column": "answer"}}],
+            },
+            "generation": {"maxNewTokens": 6, "samplesPerPrompt": 4},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("objective", list(JOBS))
+def test_adapter_recipes_train_in_bf16(
+    objective: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for recipe in (sft, reward, preference, kto, online):
+        monkeypatch.setattr(recipe, "resolve_precision", lambda requested: Precision("bf16"))
+    kind, spec = JOBS[objective]
+    job = parse_object(
+        {
+            "apiVersion": "lmforge.io/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": f"bf16-{objective}"},
+            "spec": {
+                "model": {"source": f"file://{tiny_model}", "chatTemplate": "chatml"},
+                "training": {"maxSteps": 2, "batchSize": {"perDevice": 4}},
+                "distributed": {"gpusPerNode": 0},
+                **spec,
+            },
+        }
+    )
+    assert isinstance(job, TrainingJob)
+    config = local_run_config(job, tmp_path / "job.yaml", tmp_path / "out", tmp_path / "runs")
+    config.output_dir.mkdir(parents=True)
+    torch.set_num_threads(1)
+    run_recipe(config)
+
+    metrics = json.loads((config.output_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert metrics["precision"] == "bf16"
+    assert metrics["frozen_weights_dtype"] == "bfloat16", metrics
+    assert metrics["trainable_weights_dtype"] == "float32", metrics
+    final = config.output_dir / "final"
+    assert (final / "adapter_model.safetensors").exists() or (final / "model.safetensors").exists()
