@@ -54,6 +54,14 @@ LAYER_ACTIVATION_BYTES = {"fp32": (32, 16, 8), "autocast": (30, 8, 4), "16-bit":
 # its mask: per unit of hidden and intermediate size (measured as above; all-linear targets).
 LORA_DROPOUT_BYTES = {"fp32": (40, 4), "autocast": (24, 4), "16-bit": (24, 4)}
 DROPOUT_TYPES = ("lora", "qlora", "dora", "adalora")
+# DoRA's magnitude scaling keeps each adapted projection's base and adapter outputs as well:
+# bytes per token and output feature (two tensors in the compute dtype; measured as above).
+# With dropout over a 16-bit base it also recomputes each base output from the dropped
+# input and keeps a 16-bit copy of the weight for that: 2 bytes a parameter of the layer.
+DORA_OUTPUT_BYTES = {"fp32": 8, "autocast": 4, "16-bit": 4}
+# AdaLoRA over a 16-bit base keeps more than LoRA, dropout or not (its adapter computes in
+# fp32): measured on two shapes, 12 x hidden + 3.4 x intermediate bytes a token and layer.
+ADALORA_INPUT_BYTES = (13, 4)
 Regime = Literal["fp32", "autocast", "16-bit"]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -201,14 +209,23 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
 
 
-def layer_activation_bytes(shape: ModelShape, regime: Regime, lora_dropout: bool = False) -> float:
+def layer_activation_bytes(
+    shape: ModelShape, regime: Regime, lora_dropout: bool = False, method: str = "full"
+) -> float:
     """Bytes one decoder layer keeps for the backward pass per token when it computes as
-    `regime` says (LAYER_ACTIVATION_BYTES), with LoRA's dropout or without."""
+    `regime` says (LAYER_ACTIVATION_BYTES), with LoRA's dropout or without, and what DoRA
+    and AdaLoRA keep besides (all-linear targets)."""
     hidden, intermediate, kv = LAYER_ACTIVATION_BYTES[regime]
     kv_width = shape.kv_heads * shape.head_dim
     kept = hidden * shape.hidden_size + intermediate * shape.intermediate_size + kv * kv_width
     if lora_dropout:
         hidden, intermediate = LORA_DROPOUT_BYTES[regime]
+        kept += hidden * shape.hidden_size + intermediate * shape.intermediate_size
+    if method == "dora":
+        outputs = sum(out for _, out in shape.projection_shapes().values())
+        kept += DORA_OUTPUT_BYTES[regime] * outputs
+    if method == "adalora" and regime == "16-bit":
+        hidden, intermediate = ADALORA_INPUT_BYTES
         kept += hidden * shape.hidden_size + intermediate * shape.intermediate_size
     return kept
 
@@ -242,14 +259,17 @@ def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
         weights = total * base_bytes
     added = trainable * 4 if method.type not in ("full", "lisa") else 0  # the adapter, fp32
     tokens = training.batch_size.per_device * max_seq_length
-    # Autocast's 16-bit copies of fp32 weights (quantized weights are dequantized per use; a
-    # 16-bit base needs none, only the adapter's fp32 weights are copied).
-    copied = 2 if regime == "autocast" and quant is None else 0  # bytes a base weight
-    adapter_copies = trainable * 2 if regime != "fp32" and added else 0
+    dora = method.type == "dora"
     dropout = method.type in DROPOUT_TYPES and method.lora.dropout > 0
+    # Weight copies kept until the backward pass, bytes a base weight: autocast's 16-bit copy
+    # of every fp32 weight (quantized weights are dequantized per use; a 16-bit base needs
+    # none, only the adapter's fp32 weights are copied), and DoRA's (DORA_OUTPUT_BYTES).
+    copied = 2 if regime == "autocast" and quant is None else 0
+    dora_copied = 2 if dora and dropout and regime == "16-bit" else 0
+    adapter_copies = trainable * 2 if regime != "fp32" and added else 0
     per_layer = (
-        tokens * layer_activation_bytes(shape, regime, dropout)
-        + shape.layer_parameters * copied
+        tokens * layer_activation_bytes(shape, regime, dropout, method.type)
+        + shape.layer_parameters * (copied + dora_copied)
         + adapter_copies / shape.layers
     )
     if training.gradient_checkpointing:  # each layer's input, then one layer recomputed
