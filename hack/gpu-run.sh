@@ -40,7 +40,9 @@ print(torch.cuda.get_device_name(0), torch.__version__, transformers.__version__
       tests/e2e/test_sharded_gpu.py ;;  # ~80 s a strategy (an H100)
     full) stage full 420 python3 -m benchmarks.gpu_training --only full --out "$OUT/gpu_training.json" ;;
     lora) stage lora 560 python3 -m benchmarks.gpu_training --only lora --out "$OUT/gpu_training.json" ;;
+    lora-no-checkpointing) stage lora-no-checkpointing 560 python3 -m benchmarks.gpu_training \
+      --only lora-no-checkpointing --out "$OUT/gpu_training.json" ;;
     strategies) stage strategies 560 python3 benchmarks/gpu_strategies.py --out "$OUT" ;;
-    *) echo "unknown stage $s (probe tests sharded full lora strategies)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (probe tests sharded full lora lora-no-checkpointing strategies)" >&2; exit 2 ;;
   esac
 done
