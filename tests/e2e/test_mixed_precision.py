@@ -76,36 +76,64 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("objective", list(JOBS))
-def test_adapter_recipes_train_in_bf16(
-    objective: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _bf16_run(
+    monkeypatch: pytest.MonkeyPatch, out: Path, kind: str, spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Run a job's recipe in this process with the trainer's precision resolved to bf16."""
     for recipe in (sft, reward, preference, kto, online):
         monkeypatch.setattr(recipe, "resolve_precision", lambda requested: Precision("bf16"))
-    kind, spec = JOBS[objective]
     job = parse_object(
         {
             "apiVersion": "lmforge.io/v1alpha1",
             "kind": kind,
-            "metadata": {"name": f"bf16-{objective}"},
-            "spec": {
-                "model": {"source": f"file://{tiny_model}", "chatTemplate": "chatml"},
-                "training": {"maxSteps": 2, "batchSize": {"perDevice": 4}},
-                "distributed": {"gpusPerNode": 0},
-                **spec,
-            },
+            "metadata": {"name": "bf16"},
+            "spec": spec,
         }
     )
     assert isinstance(job, TrainingJob)
-    config = local_run_config(job, tmp_path / "job.yaml", tmp_path / "out", tmp_path / "runs")
-    config.output_dir.mkdir(parents=True)
+    config = local_run_config(job, out / "job.yaml", out, out / "runs")
+    config.output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     run_recipe(config)
-
-    metrics = json.loads((config.output_dir / "metrics.json").read_text())
-    assert metrics["steps"] == 2
+    metrics: dict[str, Any] = json.loads((out / "metrics.json").read_text())
     assert metrics["precision"] == "bf16"
     assert metrics["frozen_weights_dtype"] == "bfloat16", metrics
     assert metrics["trainable_weights_dtype"] == "float32", metrics
-    final = config.output_dir / "final"
+    return metrics
+
+
+def _spec(model: Path, **spec: Any) -> dict[str, Any]:
+    return {
+        "model": {"source": f"file://{model}", "chatTemplate": "chatml"},
+        "training": {"maxSteps": 2, "batchSize": {"perDevice": 4}},
+        "distributed": {"gpusPerNode": 0},
+        **spec,
+    }
+
+
+@pytest.mark.parametrize("objective", list(JOBS))
+def test_adapter_recipes_train_in_bf16(
+    objective: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kind, spec = JOBS[objective]
+    metrics = _bf16_run(monkeypatch, tmp_path, kind, _spec(tiny_model, **spec))
+    assert metrics["steps"] == 2
+    final = tmp_path / "final"
     assert (final / "adapter_model.safetensors").exists() or (final / "model.safetensors").exists()
+
+
+def test_a_bf16_adapter_run_resumes_from_its_checkpoint(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint holds the fp32 adapter; the resumed run loads it over a bf16 base."""
+    from safetensors.torch import load_file
+
+    kind, spec = JOBS["sft"]
+    spec = _spec(tiny_model, **spec, checkpoint={"everySteps": 2, "keep": 2})
+    _bf16_run(monkeypatch, tmp_path, kind, spec)
+    saved = tmp_path / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"
+    assert {t.dtype for t in load_file(saved).values()} == {torch.float32}
+    spec["training"]["maxSteps"] = 4
+    metrics = _bf16_run(monkeypatch, tmp_path, kind, spec)
+    assert metrics["resumed_from_step"] == 2
+    assert metrics["steps"] == 4
