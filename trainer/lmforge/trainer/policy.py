@@ -8,6 +8,7 @@ model both can load from disk.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -21,11 +22,19 @@ from lmforge.trainer.model import (
 
 from lmforge.api.runconfig import RunConfig
 
+log = logging.getLogger(__name__)
+
 
 def load_policy(config: RunConfig) -> torch.nn.Module:
     """The base model of the run with its tuning method applied (full, lora, ...), in fp32:
     raft and ppo step their own loops, which do not autocast."""
     spec = config.spec
+    if spec.training.precision in ("bf16", "fp16"):
+        log.warning(
+            "training.precision %s: %s trains in fp32 (its own loop does not autocast)",
+            spec.training.precision,
+            spec.objective,
+        )
     model = load_model(
         config.paths.model,
         method=spec.tuning,
