@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from lmforge.trainer import policy
 from lmforge.trainer.model import Precision
 from lmforge.trainer.recipes import kto, online, preference, reward, run_recipe, sft
 
@@ -74,13 +75,29 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
+# raft and ppo step their own loops, under the run's autocast (trainer/policy.py).
+ONLINE: dict[str, Any] = {
+    "dataset": _dataset("tiny-prompts-train.jsonl", "tiny-prompts-eval.jsonl", format="prompt"),
+    "generation": {"maxNewTokens": 6, "samplesPerPrompt": 2},
+    "evaluation": {"maxSamples": 8},
+}
+REWARDS = [{"name": "exact", "rule": {"type": "exact-match", "column": "answer"}}]
+JOBS["raft"] = (
+    "AlignmentJob",
+    ONLINE
+    | {"method": {"type": "raft", "peft": LORA, "rewards": REWARDS, "raft": {"iterations": 2}}},
+)
+JOBS["ppo"] = (
+    "AlignmentJob",
+    ONLINE | {"method": {"type": "ppo", "peft": LORA, "rewards": REWARDS, "beta": 0.1}},
+)
 
 
 def _bf16_run(
     monkeypatch: pytest.MonkeyPatch, out: Path, kind: str, spec: dict[str, Any]
 ) -> dict[str, Any]:
     """Run a job's recipe in this process with the trainer's precision resolved to bf16."""
-    for recipe in (sft, reward, preference, kto, online):
+    for recipe in (sft, reward, preference, kto, online, policy):
         monkeypatch.setattr(recipe, "resolve_precision", lambda requested: Precision("bf16"))
     job = parse_object(
         {
@@ -118,6 +135,10 @@ def test_adapter_recipes_train_in_bf16(
     kind, spec = JOBS[objective]
     metrics = _bf16_run(monkeypatch, tmp_path, kind, _spec(tiny_model, **spec))
     assert metrics["steps"] == 2
+    if objective == "ppo":
+        # The new adapter starts as a no-op: the policy and the reference (the adapter
+        # switched off) score the first rollouts alike.
+        assert metrics["rounds"][0]["kl"] == 0.0, metrics["rounds"][0]
     final = tmp_path / "final"
     assert (final / "adapter_model.safetensors").exists() or (final / "model.safetensors").exists()
 

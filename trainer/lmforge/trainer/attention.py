@@ -81,11 +81,12 @@ def varlen_attention_forward(
     )
     gqa = key.shape[1] != heads
     if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
         target = get_target_dtype(q, module)  # autocast leaves RoPE's output in fp32
         if target is not None:
             q, k, v = q.to(target), k.to(target), v.to(target)
+    if query.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention.varlen import varlen_attn
+
         gqa_kwargs: dict[str, bool] = {}
         if gqa and _kernel_takes_gqa():
             gqa_kwargs["enable_gqa"] = True
@@ -95,7 +96,7 @@ def varlen_attention_forward(
             q, k, v, bounds, bounds, longest, longest,
             scale=scaling, window_size=(-1, 0), **gqa_kwargs,
         )  # fmt: skip
-    else:
+    else:  # not CUDA, or fp32 weights outside autocast (the kernel takes 16 bits only)
         out = _records_through_sdpa(q, k, v, bounds.tolist(), scaling, gqa)
     return out.view(batch, length, heads, value.shape[3]), None
 

@@ -18,6 +18,7 @@ from lmforge.trainer.model import (
     apply_method,
     load_model,
     load_tokenizer,
+    resolve_precision,
 )
 
 from lmforge.api.runconfig import RunConfig
@@ -25,21 +26,26 @@ from lmforge.api.runconfig import RunConfig
 log = logging.getLogger(__name__)
 
 
-def load_policy(config: RunConfig) -> torch.nn.Module:
-    """The base model of the run with its tuning method applied (full, lora, ...), in fp32:
-    raft and ppo step their own loops, which do not autocast."""
-    spec = config.spec
-    if spec.training.precision in ("bf16", "fp16"):
+def policy_precision(config: RunConfig) -> Precision:
+    """The run's precision: raft and ppo autocast their training forwards to bf16 where it
+    resolves to bf16. Their loops scale no fp16 loss, so fp16 trains in fp32."""
+    precision = resolve_precision(config.spec.training.precision)
+    if precision.name == "fp16":
         log.warning(
-            "training.precision %s: %s trains in fp32 (its own loop does not autocast)",
-            spec.training.precision,
-            spec.objective,
+            "training.precision fp16: %s trains in fp32 (no loss scaling)", config.spec.objective
         )
+        return Precision("fp32")
+    return precision
+
+
+def load_policy(config: RunConfig) -> torch.nn.Module:
+    """The base model of the run with its tuning method applied (full, lora, ...)."""
+    spec = config.spec
     model = load_model(
         config.paths.model,
         method=spec.tuning,
         training=spec.training,
-        precision=Precision("fp32"),
+        precision=policy_precision(config),
         trust_remote_code=spec.model.trust_remote_code,
     )
     if torch.cuda.is_available():

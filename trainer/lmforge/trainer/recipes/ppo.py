@@ -28,6 +28,7 @@ import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import resolve_chat_template
 from lmforge.trainer.loop import publish
+from lmforge.trainer.model import Precision, weight_dtypes
 from lmforge.trainer.onpolicy import (
     held_out_reward,
     load_prompts,
@@ -40,7 +41,12 @@ from lmforge.trainer.onpolicy import (
     score,
     trains_here,
 )
-from lmforge.trainer.policy import build_optimizer, load_policy, load_policy_tokenizer
+from lmforge.trainer.policy import (
+    build_optimizer,
+    load_policy,
+    load_policy_tokenizer,
+    policy_precision,
+)
 from lmforge.trainer.progress import ProgressReporter
 from lmforge.trainer.rewards import build_rewards
 from lmforge.trainer.rollouts import (
@@ -186,18 +192,21 @@ def policy_forward(
     value_head: ValueHead | None,
     batch: RolloutBatch,
     rows: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float,
+    precision: Precision,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probabilities of the response tokens [b, T], values of the states before them).
 
     Log-probabilities are those of the distribution the responses were sampled from (logits
-    divided by the sampling temperature), so the PPO ratio starts at 1."""
+    divided by the sampling temperature), so the PPO ratio starts at 1. The model computes
+    under the run's autocast; the log-probabilities and the value head in fp32."""
     device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.input_ids[rows].to(device),
-        attention_mask=batch.attention_mask[rows].to(device),
-        output_hidden_states=value_head is not None,
-    )
+    with precision.autocast(device):
+        out = model(
+            input_ids=batch.input_ids[rows].to(device),
+            attention_mask=batch.attention_mask[rows].to(device),
+            output_hidden_states=value_head is not None,
+        )
     steps = batch.tokens.shape[1]
     # the logits at position p predict token p + 1
     positions = (batch.start[rows, None] + torch.arange(steps)[None] - 1).clamp(
@@ -213,20 +222,24 @@ def policy_forward(
     if value_head is not None:
         hidden = out.hidden_states[-1]
         states = torch.gather(hidden, 1, index.expand(-1, -1, hidden.shape[-1]))
-        values = value_head(states)
+        values = value_head(states.float())
     return logprobs.cpu(), values.cpu() if values is not None else None
 
 
 def reference_logprobs(
-    model: nn.Module, reference: nn.Module | None, batch: RolloutBatch, temperature: float
+    model: nn.Module,
+    reference: nn.Module | None,
+    batch: RolloutBatch,
+    temperature: float,
+    precision: Precision,
 ) -> torch.Tensor:
     """Log-probabilities of the responses under the frozen reference."""
     rows = torch.arange(len(batch))
     with torch.no_grad():
         if reference is not None:
-            return policy_forward(reference, None, batch, rows, temperature)[0]
+            return policy_forward(reference, None, batch, rows, temperature, precision)[0]
         with model.disable_adapter():  # type: ignore[operator]
-            return policy_forward(model, None, batch, rows, temperature)[0]
+            return policy_forward(model, None, batch, rows, temperature, precision)[0]
 
 
 def load_reference(config: RunConfig, model: nn.Module) -> nn.Module | None:
@@ -347,6 +360,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         **round_metrics(state, after, after_parts),
         "resumed_from_step": state["step"] if resume is not None else None,
+        "precision": policy_precision(config).name,
+        **weight_dtypes(model),
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }
     final = export.save_final(model, tokenizer, template, out)
@@ -375,10 +390,13 @@ def ppo_step(
     batch = RolloutBatch(prompt_ids, [c.token_ids for c in completions], pad)
     everything = torch.arange(len(batch))
     temperature = spec.generation.temperature or 1.0  # 0 (greedy) samples nothing to weigh
+    precision = policy_precision(config)
     with torch.no_grad():
-        old_logprobs, old_values = policy_forward(model, value_head, batch, everything, temperature)
+        old_logprobs, old_values = policy_forward(
+            model, value_head, batch, everything, temperature, precision
+        )
         assert old_values is not None
-        ref_logprobs = reference_logprobs(model, reference, batch, temperature)
+        ref_logprobs = reference_logprobs(model, reference, batch, temperature, precision)
         token_rewards = kl_penalized_rewards(
             torch.tensor(scores), old_logprobs, ref_logprobs, batch.mask, beta
         )
@@ -394,7 +412,9 @@ def ppo_step(
         rng.shuffle(order)
         for start in range(0, len(order), size):
             rows = torch.tensor(order[start : start + size])
-            logprobs, values = policy_forward(model, value_head, batch, rows, temperature)
+            logprobs, values = policy_forward(
+                model, value_head, batch, rows, temperature, precision
+            )
             assert values is not None
             mask = batch.mask[rows]
             policy_loss = clipped_policy_loss(

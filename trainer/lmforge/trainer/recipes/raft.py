@@ -24,7 +24,7 @@ import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import DataCollator, Example, resolve_chat_template, tokenize_examples
 from lmforge.trainer.loop import publish
-from lmforge.trainer.model import parameter_counts
+from lmforge.trainer.model import Precision, parameter_counts, weight_dtypes
 from lmforge.trainer.onpolicy import (
     held_out_reward,
     load_prompts,
@@ -37,7 +37,12 @@ from lmforge.trainer.onpolicy import (
     score,
     trains_here,
 )
-from lmforge.trainer.policy import build_optimizer, load_policy, load_policy_tokenizer
+from lmforge.trainer.policy import (
+    build_optimizer,
+    load_policy,
+    load_policy_tokenizer,
+    policy_precision,
+)
 from lmforge.trainer.progress import ProgressReporter
 from lmforge.trainer.rewards import build_rewards
 from lmforge.trainer.rollouts import (
@@ -78,6 +83,7 @@ def finetune(
     steps: int,
     max_grad_norm: float,
     seed: int,
+    precision: Precision,
 ) -> float:
     """`steps` optimizer steps of the causal-LM loss on `records` (reshuffled every pass);
     returns the mean loss."""
@@ -95,7 +101,8 @@ def finetune(
                 order += refill
             batch = collator([records[i] for i in order[:batch_size]])
             del order[:batch_size]
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            with precision.autocast(device):
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             (loss / accumulation).backward()
             losses.append(float(loss.detach()))
         if max_grad_norm > 0:
@@ -176,6 +183,7 @@ def run(config: RunConfig) -> dict[str, Any]:
                 steps=steps,
                 max_grad_norm=training.max_grad_norm,
                 seed=training.seed * 7919 + index,
+                precision=policy_precision(config),
             )
             summary = {
                 "round": index + 1,
@@ -217,6 +225,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         "resumed_from_round": state["step"] if resume is not None else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "precision": policy_precision(config).name,
+        **weight_dtypes(model),
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }
     final = export.save_final(model, tokenizer, template, out)
