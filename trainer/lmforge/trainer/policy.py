@@ -30,22 +30,23 @@ def policy_precision(config: RunConfig) -> Precision:
     """The run's precision: raft and ppo autocast their training forwards to bf16 where it
     resolves to bf16. Their loops scale no fp16 loss, so fp16 trains in fp32."""
     precision = resolve_precision(config.spec.training.precision)
-    if precision.name == "fp16":
-        log.warning(
-            "training.precision fp16: %s trains in fp32 (no loss scaling)", config.spec.objective
-        )
-        return Precision("fp32")
-    return precision
+    if precision.name != "fp16":
+        return precision
+    log.warning(
+        "training.precision fp16: %s trains in fp32 (no loss scaling)", config.spec.objective
+    )
+    return Precision("fp32")
 
 
-def load_policy(config: RunConfig) -> torch.nn.Module:
-    """The base model of the run with its tuning method applied (full, lora, ...)."""
+def load_policy(config: RunConfig, precision: Precision) -> torch.nn.Module:
+    """The base model of the run with its tuning method applied (full, lora, ...), its
+    weights in what `precision` (`policy_precision`) keeps them in."""
     spec = config.spec
     model = load_model(
         config.paths.model,
         method=spec.tuning,
         training=spec.training,
-        precision=policy_precision(config),
+        precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )
     if torch.cuda.is_available():

@@ -26,7 +26,12 @@ from typing import Any, Literal
 import torch
 from lmforge.trainer.launch import node_rank
 from lmforge.trainer.model import MethodError
-from lmforge.trainer.policy import load_policy, load_trainable_state, trainable_state
+from lmforge.trainer.policy import (
+    load_policy,
+    load_trainable_state,
+    policy_precision,
+    trainable_state,
+)
 
 from lmforge.api.kinds import GenerationSpec
 from lmforge.api.runconfig import RunConfig
@@ -308,7 +313,7 @@ class _RolloutActor:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         config = RunConfig.model_validate(config_wire)
         self.tokenizer = load_policy_tokenizer(config)
-        self.model = load_policy(config)
+        self.model = load_policy(config, policy_precision(config))
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.model, state)

@@ -278,7 +278,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     template = resolve_chat_template(spec.model.chat_template, tokenizer)
     prompts, held_out = load_prompts(config, tokenizer, template)
     rewards = build_rewards(config, tokenizer)
-    model = load_policy(config)
+    precision = policy_precision(config)
+    model = load_policy(config, precision)
     disable_dropout(model)
     reference = load_reference(config, model)
     value_head = ValueHead(int(model.config.hidden_size)).to(next(model.parameters()).device)
@@ -325,6 +326,7 @@ def run(config: RunConfig) -> dict[str, Any]:
                 pad=pad,
                 beta=beta,
                 seed=training.seed * 7919 + step,
+                precision=precision,
             )
             summary |= {
                 "step": step + 1,
@@ -360,7 +362,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         **round_metrics(state, after, after_parts),
         "resumed_from_step": state["step"] if resume is not None else None,
-        "precision": policy_precision(config).name,
+        "precision": precision.name,
         **weight_dtypes(model),
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }
@@ -382,6 +384,7 @@ def ppo_step(
     pad: int,
     beta: float,
     seed: int,
+    precision: Precision,
 ) -> dict[str, Any]:
     """One rollout batch: rewards, advantages, then ppo.epochs passes of minibatch updates."""
     spec = config.spec
@@ -390,7 +393,6 @@ def ppo_step(
     batch = RolloutBatch(prompt_ids, [c.token_ids for c in completions], pad)
     everything = torch.arange(len(batch))
     temperature = spec.generation.temperature or 1.0  # 0 (greedy) samples nothing to weigh
-    precision = policy_precision(config)
     with torch.no_grad():
         old_logprobs, old_values = policy_forward(
             model, value_head, batch, everything, temperature, precision

@@ -128,7 +128,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     template = resolve_chat_template(spec.model.chat_template, tokenizer)
     prompts, held_out = load_prompts(config, tokenizer, template)
     rewards = build_rewards(config, tokenizer)
-    model = load_policy(config)
+    precision = policy_precision(config)
+    model = load_policy(config, precision)
     trainable, total = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -183,7 +184,7 @@ def run(config: RunConfig) -> dict[str, Any]:
                 steps=steps,
                 max_grad_norm=training.max_grad_norm,
                 seed=training.seed * 7919 + index,
-                precision=policy_precision(config),
+                precision=precision,
             )
             summary = {
                 "round": index + 1,
@@ -225,7 +226,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "resumed_from_round": state["step"] if resume is not None else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "precision": policy_precision(config).name,
+        "precision": precision.name,
         **weight_dtypes(model),
         "wall_time_seconds": round(time.monotonic() - started, 2),
     }
