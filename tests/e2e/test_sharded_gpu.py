@@ -1,4 +1,5 @@
-"""The strategies that need a GPU: ZeRO-2/3/offload and QLoRA 4/8-bit, one GPU, with resume.
+"""The strategies that need a GPU: ZeRO-2/3/offload and QLoRA 4/8-bit, one GPU, with resume;
+and LoRA over a bf16 base, alone and under ZeRO-3 (which casts the whole model to bf16).
 
 Skipped without CUDA. Peak memory per strategy on a ~1B model: `make bench-gpu`.
 """
@@ -20,6 +21,8 @@ CASES: dict[str, dict[str, Any]] = {
     "zero3-offload": {"method": {"type": "full"}, "distributed": {"strategy": "zero3-offload"}},
     "qlora-4bit": {"method": {"type": "qlora", "quantization": {"bits": 4}}},
     "qlora-8bit": {"method": {"type": "qlora", "quantization": {"bits": 8}}},
+    "lora": {"method": {"type": "lora"}},
+    "lora-zero3": {"method": {"type": "lora"}, "distributed": {"strategy": "zero3"}},
 }
 
 
@@ -43,3 +46,7 @@ def test_trains_checkpoints_and_resumes_on_one_gpu(
     assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 6
     assert metrics["strategy"] == distributed.get("strategy", "single")  # qlora: auto, 1 GPU
     assert metrics["peak_memory_bytes"] > 0
+    assert metrics["precision"] == "bf16"
+    if case == "lora":
+        assert metrics["frozen_weights_dtype"] == "bfloat16", metrics
+        assert metrics["trainable_weights_dtype"] == "float32", metrics
