@@ -117,7 +117,20 @@ def run(config_path: Path) -> int:
         return fail(EXIT_BAD_CONFIG, "InvalidMethod", str(err))
     except torch.OutOfMemoryError as err:
         return fail(EXIT_OUT_OF_MEMORY, "OutOfMemory", f"CUDA out of memory: {err}")
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """End this rank's part in the process group before the interpreter exits.
+
+    Left to the interpreter's teardown, gloo's worker threads can outlive it and abort the
+    process (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded; NCCL warns the same way."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
