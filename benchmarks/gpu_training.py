@@ -1,13 +1,14 @@
 """Benchmark (GPU only): training throughput and MFU of `lmforge run` against TRL's SFTTrainer.
 
-Two workloads, each on random weights built from a config (no hub access needed), on the same
+Workloads, each on random weights built from a config (no hub access needed), on the same
 synthetic chat data (long conversations from the bundled corpus), in one run:
 
 - full: a Llama-architecture ~1.1B model (hidden 2048, 22 layers, 32 heads, 4 KV heads,
   vocab 32000), full fine-tuning in bf16 at sequence length 4096, packing on;
 - lora: an 8B-class Llama (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab
   128256), LoRA rank 16 on every linear layer, bf16, sequence length 4096, packing on,
-  gradient checkpointing on; lora-no-checkpointing: the same with it off (lmforge's default).
+  gradient checkpointing on; lora-no-checkpointing: the same with it off (lmforge's default);
+- full-liger and lora-liger: full and lora with Liger's kernels (`training.ligerKernels`).
 
 For each, the trainer process `lmforge run` starts (with the same timing hooks as
 benchmarks/trainer_overhead.py) and TRL's `SFTTrainer` with its defaults (plus the same
@@ -83,6 +84,14 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 # adapter methods keep the frozen base in bf16: `auto`'s estimate says ~65.8 GiB (the fp32
 # base needed ~109.6). A workload of its own, so that running out of memory costs only it.
 WORKLOADS["lora-no-checkpointing"] = {**WORKLOADS["lora"], "training": {}}
+# Each with Liger's kernels (`training.ligerKernels`: fused RMSNorm, RoPE, SwiGLU, and the LM
+# head with the cross-entropy in chunks), against the same TRL defaults: what they add is
+# this workload's lmforge figures against its plain one's (same GPU, separate commands).
+WORKLOADS["full-liger"] = {**WORKLOADS["full"], "training": {"ligerKernels": True}}
+WORKLOADS["lora-liger"] = {
+    **WORKLOADS["lora"],
+    "training": {**WORKLOADS["lora"]["training"], "ligerKernels": True},
+}
 
 
 # The plumbing's own check (`--cpu`, tests/e2e/test_gpu_benchmark.py): both trainers, a

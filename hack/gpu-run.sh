@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine whose python3 has PyTorch (and no network): install the wheels from
 # hack/gpu-wheels.sh, then run the named stages from the repository root:
-#   bash hack/gpu-run.sh probe tests sharded adapters full lora lora-no-checkpointing strategies
+#   bash hack/gpu-run.sh probe tests sharded adapters liger full lora lora-no-checkpointing \
+#     full-liger lora-liger strategies
 # Logs and results go to $OUT (default /tmp/gpu-out); each stage has its own time limit,
 # each under 10 minutes (what one command may run on a lent machine).
 set -u
@@ -32,19 +33,25 @@ stage() {
 for s in "$@"; do
   case $s in
     probe) stage probe 60 python3 -c "
-import torch, transformers, trl, peft, bitsandbytes, deepspeed
+import torch, transformers, trl, peft, bitsandbytes, deepspeed, liger_kernel
 print(torch.cuda.get_device_name(0), torch.__version__, transformers.__version__, trl.__version__)" ;;
     tests) stage tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
       --deselect tests/e2e/test_sharded_gpu.py ;;
     sharded) stage sharded 560 python3 -m pytest -q -p no:cacheprovider -m gpu \
-      tests/e2e/test_sharded_gpu.py -k "not lora" ;;  # ~80 s a strategy (an H100)
+      tests/e2e/test_sharded_gpu.py -k "not lora and not liger" ;;  # ~80 s a strategy (an H100)
     adapters) stage adapters 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
-      tests/e2e/test_sharded_gpu.py -k "lora and not qlora" ;;
+      tests/e2e/test_sharded_gpu.py -k "lora and not qlora and not liger" ;;
+    liger) stage liger 420 python3 -m pytest -q -p no:cacheprovider -m gpu \
+      tests/e2e/test_sharded_gpu.py -k liger ;;
     full) stage full 420 python3 -m benchmarks.gpu_training --only full --out "$OUT/gpu_training.json" ;;
     lora) stage lora 560 python3 -m benchmarks.gpu_training --only lora --out "$OUT/gpu_training.json" ;;
     lora-no-checkpointing) stage lora-no-checkpointing 560 python3 -m benchmarks.gpu_training \
       --only lora-no-checkpointing --out "$OUT/gpu_training.json" ;;
+    full-liger) stage full-liger 420 python3 -m benchmarks.gpu_training --only full-liger \
+      --out "$OUT/gpu_training.json" ;;
+    lora-liger) stage lora-liger 560 python3 -m benchmarks.gpu_training --only lora-liger \
+      --out "$OUT/gpu_training.json" ;;
     strategies) stage strategies 560 python3 benchmarks/gpu_strategies.py --out "$OUT" ;;
-    *) echo "unknown stage $s (probe tests sharded adapters full lora lora-no-checkpointing strategies)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (see the top of this file)" >&2; exit 2 ;;
   esac
 done

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$(realpath -m "${1:-.whl}")
 mkdir -p "$dir"
-names="transformers trl peft datasets huggingface_hub tokenizers bitsandbytes pydantic
+names="transformers trl peft datasets huggingface_hub tokenizers bitsandbytes liger_kernel pydantic
   pydantic_core annotated-types typing-inspection dill multiprocess fsspec httpx2 httpcore2
   hjson regex click sniffio truststore"
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64

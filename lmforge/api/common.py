@@ -388,6 +388,13 @@ class TrainingSpec(ApiModel):
     gradient_checkpointing: bool = field_(
         "Recompute activations in backward to save memory.", False
     )
+    liger_kernels: bool = field_(
+        "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, and the LM head with the "
+        "cross-entropy in chunks, so the logits are never held whole) in place of the "
+        "model's own; CUDA GPUs only, for the model types Liger covers (Llama, Mistral, Qwen, "
+        "Gemma, Phi3 and others).",
+        False,
+    )
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd"] = field_(
         "Optimizer.", "adamw"
     )

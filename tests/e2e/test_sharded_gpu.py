@@ -1,5 +1,6 @@
 """The strategies that need a GPU: ZeRO-2/3/offload and QLoRA 4/8-bit, one GPU, with resume;
-and LoRA over a bf16 base, alone and under ZeRO-3 (which casts the whole model to bf16).
+and LoRA over a bf16 base, alone and under ZeRO-3 (which casts the whole model to bf16);
+and Liger's kernels (`training.ligerKernels`) training as the model's own code does.
 
 Skipped without CUDA. Peak memory per strategy on a ~1B model: `make bench-gpu`.
 """
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_sharded import TRAINING, _run, _write
+from tests.e2e.test_sharded import LORA, TRAINING, _losses, _run, _write
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -50,3 +51,29 @@ def test_trains_checkpoints_and_resumes_on_one_gpu(
     if case == "lora":
         assert metrics["frozen_weights_dtype"] == "bfloat16", metrics
         assert metrics["trainable_weights_dtype"] == "float32", metrics
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_liger_kernels_train_as_the_models_own(
+    method: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The same 6 steps with and without Liger's kernels (fused RMSNorm, RoPE, SwiGLU, and
+    the LM head with the loss in chunks): the same losses up to bf16's rounding (the kernels
+    sum in another order; a wrong shift of the labels or a lost normalisation moves the
+    loss by far more than 3 %)."""
+    losses = {}
+    for liger in (False, True):
+        path = _write(
+            tmp_path,
+            f"{method}-liger-{str(liger).lower()}",
+            tiny_model,
+            method=LORA if method == "lora" else {"type": "full"},
+            distributed={"gpusPerNode": 1},
+            training=TRAINING | {"maxSteps": 6, "precision": "bf16", "ligerKernels": liger},
+        )
+        out = tmp_path / f"out-{liger}"
+        metrics = _run(path, out)
+        assert metrics["steps"] == 6
+        losses[liger] = _losses(out)
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=3e-2), losses

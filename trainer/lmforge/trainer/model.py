@@ -116,7 +116,35 @@ def load_model(
         model.set_attn_implementation(implementation)
     if training.gradient_checkpointing:
         model.config.use_cache = False
+    if training.liger_kernels:
+        use_liger_kernels(model)
     return model
+
+
+def use_liger_kernels(model: PreTrainedModel) -> None:
+    """Put Liger's Triton kernels in place of the model's RMSNorm, RoPE and SwiGLU MLP, and,
+    for a causal LM, its LM head and loss: the cross-entropy in chunks of tokens, so that a
+    training step never holds the whole [tokens x vocabulary] logits (nor their fp32 copy).
+    Outside training, or without labels, the model returns its logits as before. The model
+    type must be one Liger covers; its kernels run on CUDA only."""
+    field = "training.ligerKernels"
+    if not torch.cuda.is_available():
+        raise MethodError(f"{field}: Liger's kernels are Triton kernels for CUDA GPUs; none here")
+    from liger_kernel.transformers.monkey_patch import (
+        MODEL_TYPE_TO_APPLY_LIGER_FN,
+        _apply_liger_kernel_to_instance,
+    )
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        covered = ", ".join(sorted(t for t in MODEL_TYPE_TO_APPLY_LIGER_FN if t))
+        raise MethodError(
+            f"{field}: Liger has no kernels for model type {model_type!r}; it covers {covered}"
+        )
+    # The fused head replaces `forward` with a causal LM's; a reward model keeps its own.
+    causal_lm = type(model).__name__.endswith("ForCausalLM")
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=causal_lm)
+    log.info("Liger kernels in place (%s%s)", model_type, ", fused LM head and loss" * causal_lm)
 
 
 def adapter_base(path: str) -> str | None:

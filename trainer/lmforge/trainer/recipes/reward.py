@@ -38,6 +38,7 @@ from lmforge.trainer.model import (
     load_tokenizer,
     parameter_counts,
     resolve_precision,
+    use_liger_kernels,
 )
 from lmforge.trainer.progress import ProgressReporter
 from lmforge.trainer.recipes.sft import planned_steps
@@ -136,6 +137,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         trust_remote_code=spec.model.trust_remote_code,
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    if spec.training.liger_kernels:
+        use_liger_kernels(model)
     steps = planned_steps(config, len(train_data))
     model = apply_method(model, spec.tuning, steps, task_type="SEQ_CLS")
     trainable, total = parameter_counts(model)
