@@ -120,6 +120,28 @@ def test_generation_is_seeded_per_chunk(tiny_model: Path) -> None:
     assert all(len(c.token_ids) <= 4 for g in whole for c in g)
 
 
+@pytest.mark.parametrize(("precision", "computes_in"), [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_rollouts_sample_in_the_runs_compute_dtype(
+    tiny_model: Path, precision: str, computes_in: str
+) -> None:
+    """Generation autocasts as the training forwards do (CPU bf16 autocast standing in for
+    CUDA's): fp32 weights, bf16 matmuls; a fp32 run computes in fp32."""
+    from lmforge.trainer.model import Precision
+    from lmforge.trainer.rollouts import LocalRollouts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    seen: set[str] = set()
+    model.lm_head.register_forward_hook(lambda m, i, out: seen.add(str(out.dtype)[6:]))
+    engine = LocalRollouts(model, tokenizer, Precision(precision))
+    prompts = [tokenizer("spell: 1 2")["input_ids"]]
+    groups = engine.generate(prompts, Sampling(samples_per_prompt=2, max_new_tokens=3), seed=1)
+    assert len(groups) == 1 and len(groups[0]) == 2
+    assert seen == {computes_in}
+
+
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_select_global_keeps_the_best(fraction: float) -> None:
     rewards = [[0.0, 1.0], [0.5, 0.25]]
@@ -133,7 +155,7 @@ def test_select_global_keeps_the_best(fraction: float) -> None:
 def test_raft_and_ppo_refuse_a_generation_backend_they_do_not_have() -> None:
     import copy
 
-    from lmforge.trainer.model import MethodError
+    from lmforge.trainer.model import MethodError, Precision
     from lmforge.trainer.rollouts import rollout_engine
 
     from lmforge.api.runconfig import resolve_run_config
@@ -149,4 +171,4 @@ def test_raft_and_ppo_refuse_a_generation_backend_they_do_not_have() -> None:
     raw["spec"]["generation"] = {"backend": "vllm"}
     config = resolve_run_config(parse_object(raw), models={"model": "m"}, output="o")  # type: ignore[arg-type]
     with pytest.raises(MethodError, match=r"generation\.backend vllm"):
-        rollout_engine(config, model=None, tokenizer=None)
+        rollout_engine(config, model=None, tokenizer=None, precision=Precision("fp32"))

@@ -18,6 +18,7 @@ import torch
 from lmforge.trainer import checkpoints
 from lmforge.trainer.data import Example, encode_prompt, load_examples
 from lmforge.trainer.launch import rank
+from lmforge.trainer.model import Precision
 from lmforge.trainer.policy import load_trainable_state, trainable_state
 from lmforge.trainer.rewards import Rewards
 from lmforge.trainer.rollouts import Completion, Sampling, generate, ray_role, serve_as_ray_worker
@@ -114,12 +115,18 @@ def mean(values: Sequence[float]) -> float:
 
 
 def held_out_reward(
-    model: Any, tokenizer: Any, prompts: Prompts, rewards: Rewards, sampling: Sampling
+    model: Any,
+    tokenizer: Any,
+    prompts: Prompts,
+    rewards: Rewards,
+    sampling: Sampling,
+    precision: Precision,
 ) -> tuple[float, dict[str, float]]:
-    """Mean reward of greedy responses to the held-out prompts, and each component's mean."""
+    """Mean reward of greedy responses to the held-out prompts (generated under the run's
+    precision, as the rollouts are), and each component's mean."""
     if not len(prompts):
         return float("nan"), {}
-    groups = generate(model, tokenizer, prompts.ids, sampling.greedy(), seed=0)
+    groups = generate(model, tokenizer, prompts.ids, sampling.greedy(), 0, 0, precision)
     totals, parts = score(rewards, prompts, groups)
     return mean([t for group in totals for t in group]), {k: mean(v) for k, v in parts.items()}
 

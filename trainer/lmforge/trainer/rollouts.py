@@ -13,6 +13,7 @@ and seed give the same responses on one process or on any number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 from lmforge.trainer.launch import node_rank
-from lmforge.trainer.model import MethodError
+from lmforge.trainer.model import MethodError, Precision
 from lmforge.trainer.policy import (
     load_policy,
     load_trainable_state,
@@ -143,10 +144,13 @@ def generate(
     sampling: Sampling,
     seed: int,
     first_prompt: int = 0,
+    precision: Precision | None = None,
 ) -> list[list[Completion]]:
     """`sampling.samples_per_prompt` responses to each prompt (token ids), in prompt order.
 
-    `first_prompt` is the position of prompts[0] in the whole round (chunk seeds)."""
+    `first_prompt` is the position of prompts[0] in the whole round (chunk seeds). Under
+    the run's `precision` the policy samples in the compute dtype its training forwards
+    (and PPO's log-probabilities of these samples) use; without one, in its weights' dtype."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -162,7 +166,8 @@ def generate(
     for start in range(0, len(prompts), sampling.batch_size):
         batch = prompts[start : start + sampling.batch_size]
         ids, mask = left_pad(batch, pad)
-        with torch.random.fork_rng(devices=devices):
+        autocast = precision.autocast(device) if precision else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), autocast:
             torch.manual_seed(chunk_seed(seed, first_prompt + start))
             generated = model.generate(
                 input_ids=ids.to(device),
@@ -188,8 +193,8 @@ def generate(
 class LocalRollouts:
     """Generation by the training process itself (generation.workers 1)."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Any, tokenizer: Any, precision: Precision) -> None:
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
 
     def sync(self, model: Any) -> None:
         """Nothing to do: this is the policy being trained."""
@@ -197,7 +202,7 @@ class LocalRollouts:
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int
     ) -> list[list[Completion]]:
-        return generate(self.model, self.tokenizer, prompts, sampling, seed)
+        return generate(self.model, self.tokenizer, prompts, sampling, seed, 0, self.precision)
 
     def close(self) -> None:
         pass
@@ -313,7 +318,8 @@ class _RolloutActor:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         config = RunConfig.model_validate(config_wire)
         self.tokenizer = load_policy_tokenizer(config)
-        self.model = load_policy(config, policy_precision(config))
+        self.precision = policy_precision(config)
+        self.model = load_policy(config, self.precision)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.model, state)
@@ -321,7 +327,9 @@ class _RolloutActor:
     def generate(
         self, prompts: list[list[int]], sampling: Sampling, seed: int, first_prompt: int
     ) -> list[list[Completion]]:
-        return generate(self.model, self.tokenizer, prompts, sampling, seed, first_prompt)
+        return generate(
+            self.model, self.tokenizer, prompts, sampling, seed, first_prompt, self.precision
+        )
 
 
 class RayRollouts:
@@ -362,9 +370,14 @@ class RayRollouts:
 
 
 def rollout_engine(
-    config: RunConfig, model: Any, tokenizer: Any, env: Mapping[str, str] = os.environ
+    config: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    precision: Precision,
+    env: Mapping[str, str] = os.environ,
 ) -> LocalRollouts | RayRollouts:
-    """Where rollouts are generated: here, or on `generation.workers` Ray actors."""
+    """Where rollouts are generated: here, or on `generation.workers` Ray actors (which
+    resolve the run's precision themselves)."""
     assert hasattr(config.spec, "generation")
     if config.spec.generation.backend != "transformers":
         raise MethodError(
@@ -373,5 +386,5 @@ def rollout_engine(
         )
     workers = config.spec.generation.workers
     if workers <= 1:
-        return LocalRollouts(model, tokenizer)
+        return LocalRollouts(model, tokenizer, precision)
     return RayRollouts(config, workers, ray_role(env))

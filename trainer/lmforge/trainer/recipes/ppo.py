@@ -301,12 +301,14 @@ def run(config: RunConfig) -> dict[str, Any]:
         state = load_round(resume, modules, optimizer)
         log.info("resuming from %s (rollout step %d of %d)", resume, state["step"], total_steps)
     else:
-        before, before_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling)
+        before, before_parts = held_out_reward(
+            model, tokenizer, held_out, rewards, sampling, precision
+        )
         state |= {"reward_before": before, "reward_components_before": before_parts}
         log.info("held-out reward before PPO: %.4f", before)
 
     reporter = ProgressReporter(out, config.name, config.namespace, config.metrics_port)
-    engine = rollout_engine(config, model, tokenizer)
+    engine = rollout_engine(config, model, tokenizer, precision)
     try:
         for step in range(len(state["rounds"]), total_steps):
             chosen = round_prompts(len(prompts), prompts_per_step, training.seed, step)
@@ -357,7 +359,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     finally:
         engine.close()
 
-    after, after_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling)
+    after, after_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling, precision)
     log.info("held-out reward after PPO: %.4f", after)
     metrics: dict[str, Any] = {
         **round_metrics(state, after, after_parts),

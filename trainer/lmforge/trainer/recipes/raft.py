@@ -151,12 +151,14 @@ def run(config: RunConfig) -> dict[str, Any]:
         state = load_round(resume, {"policy": model}, optimizer)
         log.info("resuming from %s (round %d of %d)", resume, state["step"], raft.iterations)
     else:
-        before, before_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling)
+        before, before_parts = held_out_reward(
+            model, tokenizer, held_out, rewards, sampling, precision
+        )
         state |= {"reward_before": before, "reward_components_before": before_parts}
         log.info("held-out reward before RAFT: %.4f %s", before, _describe(before_parts))
 
     reporter = ProgressReporter(out, config.name, config.namespace, config.metrics_port)
-    engine = rollout_engine(config, model, tokenizer)
+    engine = rollout_engine(config, model, tokenizer, precision)
     first_round = len(state["rounds"])
     try:
         for index in range(first_round, raft.iterations):
@@ -219,7 +221,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     finally:
         engine.close()
 
-    after, after_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling)
+    after, after_parts = held_out_reward(model, tokenizer, held_out, rewards, sampling, precision)
     log.info("held-out reward after RAFT: %.4f %s", after, _describe(after_parts))
     metrics: dict[str, Any] = {
         **round_metrics(state, after, after_parts),
