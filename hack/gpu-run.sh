@@ -41,7 +41,7 @@ print(torch.cuda.get_device_name(0), torch.__version__, transformers.__version__
       tests/e2e/test_sharded_gpu.py -k "not lora and not liger" ;;  # ~80 s a strategy (an H100)
     adapters) stage adapters 300 python3 -m pytest -q -p no:cacheprovider -m gpu \
       tests/e2e/test_sharded_gpu.py -k "lora and not qlora and not liger" ;;
-    liger) stage liger 420 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    liger) stage liger 560 python3 -m pytest -q -p no:cacheprovider -m gpu \
       tests/e2e/test_sharded_gpu.py -k liger ;;
     full) stage full 420 python3 -m benchmarks.gpu_training --only full --out "$OUT/gpu_training.json" ;;
     lora) stage lora 560 python3 -m benchmarks.gpu_training --only lora --out "$OUT/gpu_training.json" ;;

@@ -53,27 +53,27 @@ def test_trains_checkpoints_and_resumes_on_one_gpu(
         assert metrics["trainable_weights_dtype"] == "float32", metrics
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_liger_kernels_train_as_the_models_own(
-    method: str, tiny_model: Path, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("case", ["full", "lora", "full-zero3"])
+def test_liger_kernels_train_as_the_models_own(case: str, tiny_model: Path, tmp_path: Path) -> None:
     """The same 6 steps with and without Liger's kernels (fused RMSNorm, RoPE, SwiGLU, and
-    the LM head with the loss in chunks): the same losses up to bf16's rounding (the kernels
-    sum in another order; a wrong shift of the labels or a lost normalisation moves the
-    loss by far more than 3 %)."""
+    the LM head with the loss in chunks; under ZeRO-3 the model's own head): the same
+    losses up to bf16's rounding (the kernels sum in another order; a wrong shift of the
+    labels or a lost normalisation moves the loss by far more than 3 %)."""
     losses = {}
+    strategy = "zero3" if case.endswith("zero3") else "auto"
     for liger in (False, True):
         path = _write(
             tmp_path,
-            f"{method}-liger-{str(liger).lower()}",
+            f"{case}-liger-{str(liger).lower()}",
             tiny_model,
-            method=LORA if method == "lora" else {"type": "full"},
-            distributed={"gpusPerNode": 1},
+            method=LORA if case == "lora" else {"type": "full"},
+            distributed={"gpusPerNode": 1, "strategy": strategy},
             training=TRAINING | {"maxSteps": 6, "precision": "bf16", "ligerKernels": liger},
         )
         out = tmp_path / f"out-{liger}"
         metrics = _run(path, out)
         assert metrics["steps"] == 6
+        assert metrics["strategy"] == ("zero3" if strategy == "zero3" else "single")
         losses[liger] = _losses(out)
     assert len(losses[True]) == 6
     assert losses[True] == pytest.approx(losses[False], rel=3e-2), losses

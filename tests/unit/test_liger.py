@@ -78,6 +78,22 @@ def test_a_reward_model_keeps_its_own_head(tiny: Path, cuda_reported: None) -> N
     assert model.forward.__func__ is own_forward
 
 
+@pytest.mark.parametrize("strategy", ["zero3", "zero3-offload"])
+def test_under_zero3_the_head_stays_the_models_own(
+    tiny: Path, cuda_reported: None, strategy: str
+) -> None:
+    """ZeRO-3 partitions the head's weight, which Liger's fused loss would read outside the
+    head's forward (where DeepSpeed gathers it): the rest of the kernels only."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from lmforge.trainer.model import Precision
+
+    model = load_model(
+        str(tiny), method=FULL, training=LIGER, precision=Precision("fp32"), strategy=strategy
+    )
+    assert model.model.norm.forward.__func__ is LigerRMSNorm.forward  # type: ignore[attr-defined]
+    assert "forward" not in vars(model)  # the class's own forward
+
+
 def test_a_model_type_liger_does_not_cover_is_named(cuda_reported: None) -> None:
     from lmforge.trainer.model import use_liger_kernels
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -86,6 +86,7 @@ def load_model(
     method: TuningMethod,
     training: TrainingSpec,
     precision: Precision,
+    strategy: str = "single",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Load the base model with quantization and RoPE scaling applied, and on CUDA the
@@ -117,16 +118,19 @@ def load_model(
     if training.gradient_checkpointing:
         model.config.use_cache = False
     if training.liger_kernels:
-        use_liger_kernels(model)
+        use_liger_kernels(model, strategy)
     return model
 
 
-def use_liger_kernels(model: PreTrainedModel) -> None:
+def use_liger_kernels(model: PreTrainedModel, strategy: str = "single") -> None:
     """Put Liger's Triton kernels in place of the model's RMSNorm, RoPE and SwiGLU MLP, and,
     for a causal LM, its LM head and loss: the cross-entropy in chunks of tokens, so that a
     training step never holds the whole [tokens x vocabulary] logits (nor their fp32 copy).
     Outside training, or without labels, the model returns its logits as before. The model
-    type must be one Liger covers; its kernels run on CUDA only."""
+    type must be one Liger covers; its kernels run on CUDA only.
+
+    Under ZeRO-3 the head stays the model's own: the fused loss reads the head's weight
+    outside the head's forward, where DeepSpeed has partitioned it to nothing."""
     field = "training.ligerKernels"
     if not torch.cuda.is_available():
         raise MethodError(f"{field}: Liger's kernels are Triton kernels for CUDA GPUs; none here")
@@ -143,8 +147,9 @@ def use_liger_kernels(model: PreTrainedModel) -> None:
         )
     # The fused head replaces `forward` with a causal LM's; a reward model keeps its own.
     causal_lm = type(model).__name__.endswith("ForCausalLM")
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=causal_lm)
-    log.info("Liger kernels in place (%s%s)", model_type, ", fused LM head and loss" * causal_lm)
+    fused_head = causal_lm and not strategy.startswith("zero3")
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_head)
+    log.info("Liger kernels in place (%s%s)", model_type, ", fused LM head and loss" * fused_head)
 
 
 def adapter_base(path: str) -> str | None:

@@ -46,6 +46,7 @@ def load_policy(config: RunConfig, precision: Precision) -> torch.nn.Module:
         config.paths.model,
         method=spec.tuning,
         training=spec.training,
+        strategy=spec.distributed.strategy,
         precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )

@@ -244,6 +244,7 @@ def load_policy(config: RunConfig, precision: Precision) -> Any:
         config.paths.model,
         method=spec.tuning,
         training=spec.training,
+        strategy=spec.distributed.strategy,
         precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )
@@ -270,6 +271,7 @@ def load_reference(config: RunConfig, precision: Precision) -> Any:
         path,
         method=spec.tuning.model_copy(update={"type": "full"}),
         training=spec.training,
+        strategy=spec.distributed.strategy,
         precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )

@@ -88,6 +88,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         config.paths.model,
         method=spec.tuning,
         training=spec.training,
+        strategy=spec.distributed.strategy,
         precision=precision,
         trust_remote_code=spec.model.trust_remote_code,
     )
