@@ -149,7 +149,8 @@ def use_liger_kernels(model: PreTrainedModel, strategy: str = "single") -> None:
     causal_lm = type(model).__name__.endswith("ForCausalLM")
     fused_head = causal_lm and not strategy.startswith("zero3")
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_head)
-    log.info("Liger kernels in place (%s%s)", model_type, ", fused LM head and loss" * fused_head)
+    head = "fused LM head and loss" if fused_head else "the model's own head"
+    log.info("Liger kernels in place (%s, %s)", model_type, head)
 
 
 def adapter_base(path: str) -> str | None:

@@ -126,7 +126,7 @@ def held_out_reward(
     precision, as the rollouts are), and each component's mean."""
     if not len(prompts):
         return float("nan"), {}
-    groups = generate(model, tokenizer, prompts.ids, sampling.greedy(), 0, 0, precision)
+    groups = generate(model, tokenizer, prompts.ids, sampling.greedy(), seed=0, precision=precision)
     totals, parts = score(rewards, prompts, groups)
     return mean([t for group in totals for t in group]), {k: mean(v) for k, v in parts.items()}
 
