@@ -21,6 +21,12 @@ through PyTorch's varlen flash kernel (trainer/attention.py).
     python -m benchmarks.gpu_training                       # both workloads
     python -m benchmarks.gpu_training --only full --steps 30  # keeps the file's other workload
     python -m benchmarks.gpu_training --cpu --out /tmp/smoke.json   # the plumbing, on a CPU
+    python -m benchmarks.gpu_training --only full --profile --out /tmp/profile.json
+
+`--profile` runs the torch profiler over 2 steps after the warm-up in each trainer and
+reports where the GPU's time went: the share of a step it was busy, by kind of kernel
+(matmul, attention, cross-entropy, optimizer, communication, elementwise and other) and
+the top kernels (its timings include the profiler's cost: a file of its own).
 
 Needs one CUDA GPU (H100/H200 class: the 8B LoRA run needs about 40 GB); without one it says
 so and exits 0, so that `make bench` passes on CPU machines. Writes
@@ -38,6 +44,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +299,99 @@ def worker_trl(
     return {}
 
 
+# Where a step's time goes (`--profile`): kernels on a GPU, operators on a CPU, by name.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("cross-entropy", ("cross_entropy", "log_softmax", "nll_loss", "liger")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("communication", ("nccl",)),
+    (
+        "matmul",
+        ("gemm", "matmul", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
+    ),
+)
+PROFILED_STEPS = 2
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(needle in lowered for needle in needles):
+            return category
+    return "elementwise and other"
+
+
+def profile_summary(
+    times: list[tuple[str, float]], steps: int, step_seconds: float, top: int = 12
+) -> dict[str, Any]:
+    """`times`: (kernel or operator, its own seconds) over `steps` profiled steps. What share
+    of a step the device was busy, each category's share of that, and the top names."""
+    busy = sum(t for _, t in times)
+    categories: dict[str, float] = {}
+    for name, t in times:
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + t
+    return {
+        "steps_profiled": steps,
+        "busy_seconds_per_step": busy / steps,
+        "busy_fraction_of_step": busy / steps / step_seconds,
+        "categories": {
+            k: round(v / busy, 4) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])
+        },
+        "top": [
+            {"name": name[:160], "ms_per_step": 1e3 * t / steps, "share": round(t / busy, 4)}
+            for name, t in sorted(times, key=lambda nt: -nt[1])[:top]
+        ],
+    }
+
+
+def install_profiler(warmup: int) -> Any:
+    """A torch profiler over the `PROFILED_STEPS` steps after `warmup` (and one more to
+    settle), stepped by a callback added to every Trainer; returns the profiler."""
+    import torch
+    import transformers
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    profiler = profile(
+        activities=activities,
+        schedule=schedule(wait=warmup, warmup=1, active=PROFILED_STEPS, repeat=1),
+    )
+
+    class Stepper(transformers.TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            profiler.start()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            profiler.step()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            profiler.stop()
+
+    original = transformers.Trainer.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), Stepper()]
+        original(self, *args, **kwargs)
+
+    transformers.Trainer.__init__ = init  # type: ignore[method-assign]
+    return profiler
+
+
+def profiled_times(profiler: Any) -> list[tuple[str, float]]:
+    """Each GPU kernel's own time (on a CPU: each operator's), in seconds."""
+    from torch.autograd import DeviceType
+
+    events = profiler.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    if kernels:
+        return [(e.key, e.self_device_time_total / 1e6) for e in kernels]
+    return [
+        (e.key, e.self_cpu_time_total / 1e6) for e in events if not e.key.startswith("ProfilerStep")
+    ]
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -299,10 +399,15 @@ def worker(args: argparse.Namespace) -> None:
 
     measure = Measure(args.warmup)
     measure.install()
+    profiler = install_profiler(args.warmup) if args.profile else None
     out = Path(args.out)
     run = worker_trl if args.worker == "trl" else worker_lmforge
     extra = run(Path(args.model), Path(args.data), workload_of(args.workload), args.steps, out)
     result = {**measure.result(), **extra}
+    if profiler is not None:
+        result["profile"] = profile_summary(
+            profiled_times(profiler), PROFILED_STEPS, result["step_seconds_median"]
+        )
     cuda = torch.cuda.is_available()
     result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
     result["real_tokens"], result["all_tokens"] = measure.real_tokens, measure.all_tokens
@@ -315,6 +420,7 @@ def measure_in_process(kind: str, workload: str, model: Path, data: Path, args: 
     command = [sys.executable, "-m", "benchmarks.gpu_training", "--worker", kind]
     command += ["--workload", workload, "--model", str(model), "--data", str(data)]
     command += ["--out", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--profile"] * args.profile
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -335,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--records", type=int, default=4000)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"profile {PROFILED_STEPS} steps after the warm-up in each trainer: where the "
+        "GPU's time goes, by kernel (the steps' timing then includes the profiler's cost)",
+    )
     parser.add_argument("--worker", choices=["lmforge", "trl"])
     parser.add_argument("--workload", choices=sorted([*WORKLOADS, "smoke"]))
     parser.add_argument("--model")
@@ -408,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                 **results,
                 "ratio_to_trl": ratio,
             }
+            if workload.get("training", {}).get("ligerKernels"):
+                report["workloads"][name]["liger_kernel"] = metadata.version("liger-kernel")
             for kind in ("lmforge", "trl"):
                 m = results[kind]
                 mfu = f"{100 * m['mfu']:.1f} %" if m["mfu"] is not None else "?"
@@ -419,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
                     (f"{name} {kind}", f"{m['tokens_per_second_per_gpu']:,.0f}", mfu, memory)
                 )
             rows.append((f"{name} lmforge / trl", f"{ratio:.2f}x", "", ""))
+            for kind in ("lmforge", "trl"):
+                if "profile" in results[kind]:
+                    profile = results[kind]["profile"]
+                    shares = ", ".join(
+                        f"{k} {100 * v:.0f} %" for k, v in profile["categories"].items()
+                    )
+                    busy = 100 * profile["busy_fraction_of_step"]
+                    print(f"{name} {kind}: busy {busy:.0f} % of a step; {shares}")
     kept = keep_earlier_workloads(report, Path(args.out))
     publish(
         report,

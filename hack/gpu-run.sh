@@ -2,7 +2,7 @@
 # On a CUDA machine whose python3 has PyTorch (and no network): install the wheels from
 # hack/gpu-wheels.sh, then run the named stages from the repository root:
 #   bash hack/gpu-run.sh probe tests sharded adapters liger full lora lora-no-checkpointing \
-#     full-liger lora-liger strategies
+#     full-liger lora-liger full-profile strategies
 # Logs and results go to $OUT (default /tmp/gpu-out); each stage has its own time limit,
 # each under 10 minutes (what one command may run on a lent machine).
 set -u
@@ -51,6 +51,8 @@ print(torch.cuda.get_device_name(0), torch.__version__, transformers.__version__
       --out "$OUT/gpu_training.json" ;;
     lora-liger) stage lora-liger 560 python3 -m benchmarks.gpu_training --only lora-liger \
       --out "$OUT/gpu_training.json" ;;
+    full-profile) stage full-profile 420 python3 -m benchmarks.gpu_training --only full \
+      --profile --out "$OUT/gpu_training-profile.json" ;;  # its own file: profiled timings
     strategies) stage strategies 560 python3 benchmarks/gpu_strategies.py --out "$OUT" ;;
     *) echo "unknown stage $s (see the top of this file)" >&2; exit 2 ;;
   esac

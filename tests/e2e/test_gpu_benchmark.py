@@ -18,6 +18,7 @@ def test_both_trainers_run_and_are_compared(tmp_path: Path) -> None:
 
     out = tmp_path / "gpu_training.json"
     args = ["--cpu", "--steps", "4", "--warmup", "1", "--records", "32", "--out", str(out)]
+    args.append("--profile")
     assert gpu_training.main(args) == 0
     report = json.loads(out.read_text())
     assert report["machine"]["gpu"] == "cpu" and report["machine"]["peak_bf16_flops"] is None
@@ -29,6 +30,11 @@ def test_both_trainers_run_and_are_compared(tmp_path: Path) -> None:
         assert run["real_tokens_per_batch"] > 0 and run["tokens_per_second_per_gpu"] > 0
         assert run["mfu"] is None  # no peak FLOP/s to divide by on a CPU
         assert run["peak_gpu_memory_bytes"] is None
+        # Where the profiled steps' time went (operators here, kernels on a GPU).
+        profile = run["profile"]
+        assert profile["steps_profiled"] == 2 and profile["busy_seconds_per_step"] > 0
+        assert sum(profile["categories"].values()) == pytest.approx(1, abs=1e-3)
+        assert profile["categories"]["matmul"] > 0 and len(profile["top"]) == 12
     # The pre-flight estimate, to compare with the peak on a GPU (here: per CPU process).
     assert smoke["lmforge"]["estimated_gpu_memory_bytes"] > 0
     assert math.isfinite(smoke["ratio_to_trl"]) and smoke["ratio_to_trl"] > 0
