@@ -18,7 +18,7 @@ each record) / (time · peak bf16 FLOPs of the GPU), and the ratio lmforge / TRL
 >= 50 % on the 1B full run, >= 1.3x TRL's defaults. lmforge's packed rows go padding-free
 through PyTorch's varlen flash kernel (trainer/attention.py).
 
-    python -m benchmarks.gpu_training                       # both workloads
+    python -m benchmarks.gpu_training                       # every workload
     python -m benchmarks.gpu_training --only full --steps 30  # keeps the file's other workload
     python -m benchmarks.gpu_training --cpu --out /tmp/smoke.json   # the plumbing, on a CPU
     python -m benchmarks.gpu_training --only full --profile --out /tmp/profile.json
@@ -302,7 +302,7 @@ def worker_trl(
 # Where a step's time goes (`--profile`): kernels on a GPU, operators on a CPU, by name.
 KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("cross-entropy", ("cross_entropy", "log_softmax", "nll_loss", "liger")),
+    ("cross-entropy", ("cross_entropy", "log_softmax", "nll_loss")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("communication", ("nccl",)),
     (
