@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Some VMs advertise Intel AMX but fault on its instructions: oneDNN's bf16 matmuls die with
+# SIGILL (seen on a Firecracker VM, kernel 6.18.44-fc). The tests' bf16 on CPU stands in for
+# a GPU's, so oneDNN is capped below AMX here and in every process the tests start.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 sys.path.insert(0, str(ROOT / "hack"))
 
 from cluster import Cluster, build_binaries  # noqa: E402

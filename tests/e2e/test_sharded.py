@@ -31,7 +31,7 @@ import yaml
 from lmforge.trainer import checkpoints
 from safetensors.torch import load_file
 
-from tests.e2e.conftest import JOB, _merge, lmforge
+from tests.e2e.conftest import DATA, JOB, _merge, lmforge
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-4
@@ -192,6 +192,67 @@ def test_fsdp_lora_matches_one_process(
     _assert_same_training(tmp_path / "out", baselines["lora"])
     assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
     _assert_same_weights(tmp_path / "out" / "final", baselines["lora"] / "final")
+
+
+# An AlignmentJob scores its held-out pairs before and after training and exports final/: under
+# FSDP every rank takes part in both (each forward pass and gathering the weights are
+# collectives). dpo with full fine-tuning trains against TRL's second copy of the start model,
+# sharded as the policy is; the reward model merges its adapter into the sharded model.
+ALIGNMENT = {"dpo": FULL, "reward-model": LORA}
+ALIGNMENT_STEPS = 6
+# The held-out metrics of each method: the two runs must agree on them as on the weights.
+HELD_OUT = {
+    "dpo": ("eval_pairs", "preference_accuracy", "reward_margin", "likelihood_accuracy"),
+    "reward-model": ("pair_accuracy", "pair_accuracy_before"),
+}
+
+
+def _alignment_job(folder: Path, name: str, model: Path, method: str, **spec: Any) -> Path:
+    job = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "AlignmentJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": f"file://{model}"},
+            "dataset": {
+                "sources": [{"uri": str(DATA / "tiny-preferences-train.jsonl")}],
+                "evalSplit": {"sources": [{"uri": str(DATA / "tiny-preferences-eval.jsonl")}]},
+                "maxSeqLength": 64,
+            },
+            "method": {"type": method, "peft": ALIGNMENT[method]},
+            "training": {
+                **TRAINING,
+                "maxSteps": ALIGNMENT_STEPS,
+                "batchSize": {"perDevice": 2, "global": 8},
+            },
+            "checkpoint": {"everySteps": 3, "keep": 2},
+            **spec,
+        },
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("method", ALIGNMENT)
+def test_alignment_under_fsdp_matches_one_process(
+    method: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    one = _alignment_job(tmp_path, f"{method}-one", tiny_model, method)
+    two = _alignment_job(
+        tmp_path,
+        f"{method}-fsdp",
+        tiny_model,
+        method,
+        distributed={"gpusPerNode": 0, "processesPerNode": 2, "strategy": "fsdp"},
+    )
+    want = _run(one, tmp_path / "one")
+    got = _run(two, tmp_path / "two")
+    assert got["world_size"] == 2 and got["strategy"] == "fsdp"
+    _assert_same_training(tmp_path / "two", tmp_path / "one", steps=ALIGNMENT_STEPS)
+    _assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final")
+    for name in HELD_OUT[method]:  # every held-out pair scored once, by one rank or the other
+        assert got[name] == pytest.approx(want[name], rel=1e-3, abs=1e-3), name
 
 
 def test_zero3_on_cpu_trains_checkpoints_and_resumes(

@@ -110,3 +110,34 @@ def test_a_reward_models_new_head_trains_in_fp32(tiny: Path) -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     pairs = [("the cat sat on the mat", "mat the on sat cat the")] * 3
     assert 0.0 <= pair_accuracy(model, tokenizer, pairs, BF16) <= 1.0
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_reference_is_kept_in_the_compute_dtype(tiny: Path, tmp_path: Path, method: str) -> None:
+    """A DPO/KTO/PPO reference is only ever multiplied by: under bf16 it is a bf16 copy, not
+    a second set of fp32 weights beside full fine-tuning's policy (half the memory)."""
+    from lmforge.trainer.model import load_reference
+
+    from lmforge.api.kinds import TrainingJob
+    from lmforge.api.validation import parse_object
+    from lmforge.local import local_run_config
+
+    job = parse_object(
+        {
+            "apiVersion": "lmforge.io/v1alpha1",
+            "kind": "AlignmentJob",
+            "metadata": {"name": "reference"},
+            "spec": {
+                "model": {"source": f"file://{tiny}"},
+                "dataset": {"sources": [{"uri": "pairs.jsonl", "format": "preference"}]},
+                "method": {"type": "dpo", "peft": {"type": method}},
+            },
+        }
+    )
+    assert isinstance(job, TrainingJob)
+    config = local_run_config(job, tmp_path / "job.yaml", tmp_path / "out", tmp_path / "runs")
+    for precision, dtype in ((BF16, torch.bfloat16), (Precision("fp32"), torch.float32)):
+        reference = load_reference(config, precision)
+        assert {p.dtype for p in reference.parameters()} == {dtype}
+        assert not any(p.requires_grad for p in reference.parameters())
+        assert not reference.training

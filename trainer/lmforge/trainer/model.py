@@ -14,6 +14,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lmforge.api.common import SIXTEEN_BIT_BASE_TYPES, RopeScaling, TrainingSpec, TuningMethod
+from lmforge.api.kinds import AlignmentJobSpec
+from lmforge.api.runconfig import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,13 @@ class Precision:
         """What the layers compute in: the autocast dtype in mixed precision."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name, torch.float32)
 
-    def weights_dtype(self, method: TuningMethod) -> torch.dtype:
+    def weights_dtype(self, method: TuningMethod, frozen: bool = False) -> torch.dtype:
         """What the model's own weights are loaded in. What the optimizer updates stays fp32
-        (the trainer autocasts); a frozen base under adapters is only ever multiplied by, so
-        it is kept in the compute dtype: half the memory, and no 16-bit copy autocast would
-        make of every weight each step (the adapters are made fp32: `train_in_fp32`)."""
-        if method.type in SIXTEEN_BIT_BASE_TYPES:
+        (the trainer autocasts); a frozen model (a reference) or a frozen base under adapters
+        is only ever multiplied by, so it is kept in the compute dtype: half the memory, and
+        no 16-bit copy autocast would make of every weight each step (the adapters are made
+        fp32: `train_in_fp32`)."""
+        if frozen or method.type in SIXTEEN_BIT_BASE_TYPES:
             return self.compute_dtype
         return torch.float32
 
@@ -88,11 +91,13 @@ def load_model(
     precision: Precision,
     strategy: str = "single",
     trust_remote_code: bool = False,
+    frozen: bool = False,
 ) -> PreTrainedModel:
     """Load the base model with quantization and RoPE scaling applied, and on CUDA the
-    varlen attention (attention.py) where it covers the model."""
+    varlen attention (attention.py) where it covers the model; `frozen`: a model nothing
+    trains (a reference), in the compute dtype."""
     kwargs: dict[str, Any] = {
-        "dtype": precision.weights_dtype(method),
+        "dtype": precision.weights_dtype(method, frozen),
         "trust_remote_code": trust_remote_code,
     }
     if method.type == "qlora":
@@ -120,6 +125,28 @@ def load_model(
     if training.liger_kernels:
         use_liger_kernels(model, strategy)
     return model
+
+
+def load_reference(config: RunConfig, precision: Precision) -> PreTrainedModel:
+    """The frozen reference of an AlignmentJob: method.referenceModel, else a second copy of
+    the start model (full fine-tuning changes the policy in place), in the compute dtype."""
+    spec = config.spec
+    assert isinstance(spec, AlignmentJobSpec)
+    path = config.paths.model
+    if spec.method.reference_model is not None:
+        path = config.model_path("method.referenceModel")
+    log.info("reference model: %s", path)
+    reference = load_model(
+        path,
+        method=spec.tuning.model_copy(update={"type": "full"}),  # not quantized
+        training=spec.training,
+        strategy=spec.distributed.strategy,
+        precision=precision,
+        trust_remote_code=spec.model.trust_remote_code,
+        frozen=True,
+    )
+    reference.requires_grad_(False)
+    return reference.eval()
 
 
 def use_liger_kernels(model: PreTrainedModel, strategy: str = "single") -> None:

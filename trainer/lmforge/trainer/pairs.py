@@ -9,6 +9,7 @@ prompted with at inference (`data.encode_prompt`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from lmforge.trainer.data import DataError, DataProblem, Example
 from lmforge.trainer.data.tokenization import render_conversation
+from lmforge.trainer.model import Precision
+from lmforge.trainer.sharding import on_every_rank
 
 Record = dict[str, list[int]]
 
@@ -160,15 +163,18 @@ def answer_logps(
     *,
     pad_token_id: int,
     max_length: int,
+    precision: Precision | None = None,
     batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each answer after its prompt, and the answer's token count
-    (sequences truncated to max_length, keeping the start, as the trainers do)."""
+    (sequences truncated to max_length, keeping the start, as the trainers do), computed
+    where the model is and as the run's `precision` computes (its autocast)."""
     if not prompts:
         return torch.zeros(0), torch.zeros(0)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    computing = precision.autocast(device) if precision is not None else contextlib.nullcontext()
     sums, counts = [], []
     for start in range(0, len(prompts), batch_size):
         rows = [
@@ -193,7 +199,9 @@ def answer_logps(
             [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device
         )
         answer_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+        with computing:
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        logits = logits.float()
         logps = torch.gather(F.log_softmax(logits[:, :-1], dim=-1), 2, ids[:, 1:, None]).squeeze(2)
         mask = answer_mask[:, 1:].float()
         sums.append((logps * mask).sum(dim=1).cpu())
@@ -203,25 +211,38 @@ def answer_logps(
 
 
 def pair_logps(
-    model: torch.nn.Module, records: Sequence[Record], *, pad_token_id: int, max_length: int
+    model: torch.nn.Module,
+    records: Sequence[Record],
+    *,
+    pad_token_id: int,
+    max_length: int,
+    precision: Precision | None = None,
 ) -> SequenceLogps:
-    """Log-probabilities of the chosen and the rejected answer of every pair under `model`."""
-    prompts = [r["prompt_ids"] for r in records]
-    chosen, chosen_n = answer_logps(
-        model,
-        prompts,
-        [r["chosen_ids"] for r in records],
-        pad_token_id=pad_token_id,
-        max_length=max_length,
-    )
-    rejected, rejected_n = answer_logps(
-        model,
-        prompts,
-        [r["rejected_ids"] for r in records],
-        pad_token_id=pad_token_id,
-        max_length=max_length,
-    )
-    return SequenceLogps(chosen, rejected, chosen_n, rejected_n)
+    """Log-probabilities of the chosen and the rejected answer of every pair under `model`.
+
+    Every rank of a run must call it with the same records (`sharding.on_every_rank`: each
+    scores its share, and a sharded model's forward needs every rank); all get every score.
+    """
+
+    def score(share: list[Record]) -> list[tuple[float, float, float, float]]:
+        prompts = [r["prompt_ids"] for r in share]
+        scored = [
+            answer_logps(
+                model,
+                prompts,
+                [r[answer] for r in share],
+                pad_token_id=pad_token_id,
+                max_length=max_length,
+                precision=precision,
+            )
+            for answer in ("chosen_ids", "rejected_ids")
+        ]
+        (chosen, chosen_n), (rejected, rejected_n) = scored
+        rows = torch.stack([chosen, rejected, chosen_n, rejected_n], dim=1)
+        return [tuple(row) for row in rows.tolist()]
+
+    columns = torch.tensor(on_every_rank(score, records), dtype=torch.float32).reshape(-1, 4)
+    return SequenceLogps(*columns.unbind(dim=1))
 
 
 def reference_margins(policy: SequenceLogps, reference: SequenceLogps) -> torch.Tensor:

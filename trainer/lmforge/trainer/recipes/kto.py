@@ -2,8 +2,9 @@
 
 load tokenizer -> load rows (KTO prompt/completion/label, or preference pairs split into a
 desirable and an undesirable row) -> encode them as SFT renders conversations -> load model
-(and the reference) -> score the held-out pairs -> train with TRL's KTOTrainer (resuming) ->
-score again -> export final/, metrics.json, model card
+(and the reference) -> set up TRL's KTOTrainer -> score the held-out pairs -> train (resuming)
+-> score again -> export final/, metrics.json, model card (every rank takes part: see
+preference)
 
 `preference_accuracy` is measured on held-out preference pairs (e.g. tiny-preferences-eval):
 the share where the policy raised the chosen answer's log-probability over the reference more
@@ -39,6 +40,7 @@ from lmforge.trainer.loop import (
     with_atomic_checkpoints,
 )
 from lmforge.trainer.model import (
+    load_reference,
     load_tokenizer,
     parameter_counts,
     peft_config,
@@ -177,16 +179,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     preference.keep_start_model(config, model, tokenizer, peft)
     reference = None
     if spec.method.reference_model is not None or peft is None:
-        reference = preference.load_reference(config, precision)
-
-    pad = tokenizer.pad_token_id
-    score = eval_pairs if main else []
-    policy_before = pairs.pair_logps(model, score, pad_token_id=pad, max_length=max_length)
-    reference_scores = policy_before
-    if reference is not None and score:
-        reference_scores = pairs.pair_logps(
-            reference, score, pad_token_id=pad, max_length=max_length
-        )
+        reference = load_reference(config, precision)
 
     args = KTOConfig(
         **training_kwargs(config, precision, model, has_eval=bool(eval_rows)),
@@ -217,9 +210,11 @@ def run(config: RunConfig) -> dict[str, Any]:
         trainer.add_callback(AdaLoraCallback(trainer.model))
     trainable, total = parameter_counts(trainer.model)
     log.info("kto with %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
+    held_out = preference.HeldOutPairs(eval_pairs, tokenizer.pad_token_id, max_length, precision)
+    policy_before, reference_scores = held_out.before_training(trainer, spec)
     result, resume = train_resuming(trainer, config, reporter)
 
-    policy_after = pairs.pair_logps(trainer.model, score, pad_token_id=pad, max_length=max_length)
+    policy_after = held_out.scores(trainer.model)
     metrics: dict[str, Any] = {
         **preference.preference_metrics(
             "kto", policy_before, policy_after, reference_scores, spec.method.beta
@@ -227,15 +222,13 @@ def run(config: RunConfig) -> dict[str, Any]:
         **run_metrics(trainer, result, resume, started),
         "eval_loss": final_eval_loss(trainer) if eval_rows else None,
     }
-    if metrics["preference_accuracy"] is not None:
+    if metrics["preference_accuracy"] is not None and main:
         log.info(
             "held-out preference accuracy: %.1f%% (%d pairs)",
             100 * metrics["preference_accuracy"],
-            len(score),
+            len(eval_pairs),
         )
     elif main:
         log.info("no held-out preference pairs: preference_accuracy not measured")
-    if main:
-        assert reporter is not None
-        preference.finish(config, trainer, tokenizer, template, metrics, reporter)
+    preference.finish(config, trainer, tokenizer, template, metrics, reporter)
     return metrics

@@ -16,7 +16,6 @@ Minibatches have `training.batchSize.perDevice` responses, one optimizer step ea
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -28,7 +27,7 @@ import torch
 from lmforge.trainer import export
 from lmforge.trainer.data import resolve_chat_template
 from lmforge.trainer.loop import publish
-from lmforge.trainer.model import Precision, weight_dtypes
+from lmforge.trainer.model import Precision, load_reference, weight_dtypes
 from lmforge.trainer.onpolicy import (
     held_out_reward,
     load_prompts,
@@ -55,7 +54,7 @@ from lmforge.trainer.rollouts import (
     rollout_engine,
 )
 from torch import nn
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import set_seed
 
 from lmforge.api.kinds import AlignmentJobSpec
 from lmforge.api.runconfig import RunConfig
@@ -242,20 +241,15 @@ def reference_logprobs(
             return policy_forward(model, None, batch, rows, temperature, precision)[0]
 
 
-def load_reference(config: RunConfig, model: nn.Module) -> nn.Module | None:
-    """The frozen reference: method.referenceModel, else the starting policy (None: the PEFT
-    policy with its adapter switched off, no second copy)."""
+def reference_for(config: RunConfig, model: nn.Module, precision: Precision) -> nn.Module | None:
+    """The frozen reference (`model.load_reference`: method.referenceModel, else the start
+    model) beside the policy; None: the PEFT policy with its adapter switched off serves as
+    the start model, no second copy."""
     spec = config.spec
     assert isinstance(spec, AlignmentJobSpec)
-    if spec.method.reference_model is not None:
-        path = config.model_path("method.referenceModel")
-        reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    elif hasattr(model, "disable_adapter"):
+    if spec.method.reference_model is None and hasattr(model, "disable_adapter"):
         return None
-    else:
-        reference = copy.deepcopy(model)
-    reference.to(next(model.parameters()).device).eval().requires_grad_(False)
-    return reference
+    return load_reference(config, precision).to(next(model.parameters()).device)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -281,7 +275,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     precision = policy_precision(config)
     model = load_policy(config, precision)
     disable_dropout(model)
-    reference = load_reference(config, model)
+    reference = reference_for(config, model, precision)
     value_head = ValueHead(int(model.config.hidden_size)).to(next(model.parameters()).device)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = build_optimizer(config, params)

@@ -1,8 +1,10 @@
 """The preference recipe (AlignmentJob dpo, ipo, simpo, orpo): offline preference optimisation.
 
 load tokenizer -> load pairs -> encode them as SFT renders conversations -> load model (and the
-reference) -> score the held-out pairs -> train with TRL (resuming from the last complete
-checkpoint) -> score again -> export final/ (+ merged/), metrics.json, model card
+reference) -> set up TRL's trainer -> score the held-out pairs -> train (resuming from the last
+complete checkpoint) -> score again -> export final/ (+ merged/), metrics.json, model card.
+Every rank takes part in the scoring and the export (under FSDP or ZeRO-3 each forward pass
+and gathering the weights are collectives).
 
 dpo and ipo are TRL's DPOTrainer (loss_type sigmoid / ipo) against a frozen reference: the
 spec's referenceModel, else the starting model (with PEFT, TRL disables the adapter for it).
@@ -14,6 +16,7 @@ log-probability margin for simpo/orpo.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from lmforge.trainer import export, pairs
+from lmforge.trainer import export, pairs, sharding
 from lmforge.trainer.data import load_examples, resolve_chat_template
 from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import (
@@ -41,6 +44,7 @@ from lmforge.trainer.model import (
     Precision,
     adapter_base,
     load_model,
+    load_reference,
     load_tokenizer,
     parameter_counts,
     peft_config,
@@ -169,15 +173,6 @@ def run(config: RunConfig) -> dict[str, Any]:
     if method.uses_reference and (spec.method.reference_model is not None or peft is None):
         reference = load_reference(config, precision)
 
-    pad = tokenizer.pad_token_id
-    score = eval_pairs if main else []
-    policy_before = pairs.pair_logps(model, score, pad_token_id=pad, max_length=max_length)
-    reference_scores = policy_before
-    if reference is not None and score:
-        reference_scores = pairs.pair_logps(
-            reference, score, pad_token_id=pad, max_length=max_length
-        )
-
     trainer_class, config_class = method.trainer()
     args = config_class(
         **training_kwargs(config, precision, model, has_eval=bool(eval_pairs)),
@@ -213,9 +208,11 @@ def run(config: RunConfig) -> dict[str, Any]:
         trainable,
         total,
     )
+    held_out = HeldOutPairs(eval_pairs, tokenizer.pad_token_id, max_length, precision)
+    policy_before, reference_scores = held_out.before_training(trainer, spec)
     result, resume = train_resuming(trainer, config, reporter)
 
-    policy_after = pairs.pair_logps(trainer.model, score, pad_token_id=pad, max_length=max_length)
+    policy_after = held_out.scores(trainer.model)
     metrics: dict[str, Any] = {
         **preference_metrics(
             spec.method.type, policy_before, policy_after, reference_scores, spec.method.beta
@@ -223,15 +220,13 @@ def run(config: RunConfig) -> dict[str, Any]:
         **run_metrics(trainer, result, resume, started),
         "eval_loss": final_eval_loss(trainer) if eval_pairs else None,
     }
-    if metrics["preference_accuracy"] is not None:
+    if metrics["preference_accuracy"] is not None and main:
         log.info(
             "held-out preference accuracy: %.1f%% (%d pairs)",
             100 * metrics["preference_accuracy"],
-            len(score),
+            len(eval_pairs),
         )
-    if main:
-        assert reporter is not None
-        finish(config, trainer, tokenizer, template, metrics, reporter)
+    finish(config, trainer, tokenizer, template, metrics, reporter)
     return metrics
 
 
@@ -258,25 +253,38 @@ def keep_start_model(config: RunConfig, model: Any, tokenizer: Any, peft: Any) -
         log.info("start model (adapter %s merged) kept at %s", config.paths.model, base)
 
 
-def load_reference(config: RunConfig, precision: Precision) -> Any:
-    """The frozen reference: spec.method.referenceModel, else a second copy of the start model
-    (full fine-tuning changes the policy in place)."""
-    spec = config.spec
-    assert isinstance(spec, AlignmentJobSpec)
-    path = config.paths.model
-    if spec.method.reference_model is not None:
-        path = config.model_path("method.referenceModel")
-    log.info("reference model: %s", path)
-    reference = load_model(
-        path,
-        method=spec.tuning.model_copy(update={"type": "full"}),
-        training=spec.training,
-        strategy=spec.distributed.strategy,
-        precision=precision,
-        trust_remote_code=spec.model.trust_remote_code,
-    )
-    reference.requires_grad_(False)
-    return reference.eval()
+@dataclass
+class HeldOutPairs:
+    """The held-out pairs, and how they are scored: by every rank (`pairs.pair_logps`), on the
+    device the trainer put the model on, as the run computes."""
+
+    records: list[pairs.Record]
+    pad_token_id: int
+    max_length: int
+    precision: Precision
+
+    def scores(self, model: Any) -> pairs.SequenceLogps:
+        return pairs.pair_logps(
+            model,
+            self.records,
+            pad_token_id=self.pad_token_id,
+            max_length=self.max_length,
+            precision=self.precision,
+        )
+
+    def before_training(
+        self, trainer: Any, spec: AlignmentJobSpec
+    ) -> tuple[pairs.SequenceLogps, pairs.SequenceLogps]:
+        """The scores under the start policy and under the reference (the same scores when
+        the reference is the start model: no second pass). Taken once the trainer has placed
+        the policy and prepared the reference (TRL shards it as it shards the policy)."""
+        policy = trainer.model
+        adapter_off = getattr(policy, "disable_adapter", None)  # PEFT: the start model
+        with adapter_off() if adapter_off is not None else contextlib.nullcontext():
+            before = self.scores(policy)
+        if spec.method.reference_model is None:
+            return before, before
+        return before, self.scores(trainer.ref_model)
 
 
 def finish(
@@ -285,9 +293,14 @@ def finish(
     tokenizer: Any,
     template: str | None,
     metrics: dict[str, Any],
-    reporter: ProgressReporter,
+    reporter: ProgressReporter | None,
 ) -> None:
-    """final/ (+ merged/), model card, loss curve, metrics.json; the progress channel closes."""
+    """final/ (+ merged/), model card, loss curve, metrics.json; the progress channel closes.
+    Every rank calls it: a sharded model's full weights are gathered from all of them."""
+    weights = sharding.full_state_dict(trainer)
+    if rank() != 0:
+        return
+    assert reporter is not None
     out = config.output_dir
     start = config.paths.model
     model = trainer.model
@@ -295,7 +308,7 @@ def finish(
         start = str(out / "base")  # see start_model
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = start
-    final = save_outputs(config, model, tokenizer, template, start=start)
+    final = save_outputs(config, model, tokenizer, template, start=start, weights=weights)
     publish(config, final, metrics, reporter, trainer=trainer)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from lmforge.trainer import export
+from lmforge.trainer import export, sharding
 from lmforge.trainer.data import Example, load_examples, resolve_chat_template
 from lmforge.trainer.launch import rank
 from lmforge.trainer.loop import (
@@ -87,21 +87,27 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> Da
 def pair_accuracy(
     model: Any, tokenizer: Any, pairs: Sequence[Pair], precision: Precision, batch_size: int = 32
 ) -> float:
-    """Fraction of pairs whose chosen text scores strictly higher than the rejected one."""
+    """Fraction of pairs whose chosen text scores strictly higher than the rejected one. Every
+    rank calls it (`sharding.on_every_rank`: each scores its share, and a sharded model's
+    forward needs them all)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    wins = 0
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        texts = [c for c, _ in batch] + [r for _, r in batch]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with precision.autocast(device):
-            scores = model(**inputs.to(device)).logits[:, 0]
-        chosen, rejected = scores[: len(batch)], scores[len(batch) :]
-        wins += int((chosen > rejected).sum())
+
+    def wins(share: list[Pair]) -> list[bool]:
+        won: list[bool] = []
+        for start in range(0, len(share), batch_size):
+            batch = share[start : start + batch_size]
+            texts = [c for c, _ in batch] + [r for _, r in batch]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with precision.autocast(device):
+                scores = model(**inputs.to(device)).logits[:, 0]
+            won += (scores[: len(batch)] > scores[len(batch) :]).tolist()
+        return won
+
+    won = sharding.on_every_rank(wins, pairs)
     model.train(was_training)
-    return wins / len(pairs)
+    return sum(won) / len(won)
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -144,10 +150,6 @@ def run(config: RunConfig) -> dict[str, Any]:
     trainable, total = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable", spec.tuning.type, trainable, total)
 
-    accuracy_before = (
-        pair_accuracy(model, tokenizer, eval_pairs, precision) if eval_pairs and main else None
-    )
-
     from trl import RewardConfig, RewardTrainer
 
     reporter = (
@@ -169,15 +171,17 @@ def run(config: RunConfig) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # Scored once the trainer has put the model on its device (every rank takes part).
+    accuracy_before = (
+        pair_accuracy(trainer.model, tokenizer, eval_pairs, precision) if eval_pairs else None
+    )
     result, resume = train_resuming(trainer, config, reporter)
 
     scorer = trainer.model
     if hasattr(scorer, "merge_and_unload"):  # PEFT: one plain model directory for later jobs
         scorer = scorer.merge_and_unload()
-    accuracy = (
-        pair_accuracy(scorer, tokenizer, eval_pairs, precision) if eval_pairs and main else None
-    )
-    if accuracy is not None:
+    accuracy = pair_accuracy(scorer, tokenizer, eval_pairs, precision) if eval_pairs else None
+    if accuracy is not None and main:
         log.info(
             "held-out pair accuracy: %.1f%% (before training %.1f%%)",
             100 * accuracy,
@@ -188,8 +192,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         "pair_accuracy_before": accuracy_before,
         **run_metrics(trainer, result, resume, started),
     }
+    weights = sharding.full_state_dict(trainer, scorer)  # every rank: a collective
     if main:
         assert reporter is not None
-        final = export.save_final(scorer, tokenizer, tokenizer.chat_template, out)
+        final = export.save_final(scorer, tokenizer, tokenizer.chat_template, out, weights)
         publish(config, final, metrics, reporter, trainer=trainer)
     return metrics
