@@ -20,7 +20,11 @@ Bytes per parameter, as LMForge trains (see lmforge.trainer.model):
   16-bit copy of every fp32 weight multiplied by (2 bytes a parameter; not kept with
   gradient checkpointing, which keeps one hidden state per layer and recomputes one layer
   at a time); plus the logits and their fp32 copy for the loss.
-An AlignmentJob's reference and reward models are not counted (yet).
+- a frozen reference (the DPO family's and KTO's against full fine-tuning or a
+  method.referenceModel, PPO's likewise, GRPO/RLOO's KL reference): the same shape in the
+  compute dtype, sharded with the policy under FSDP and ZeRO-3 (TRL prepares it so),
+  offloaded under zero3-offload. A PEFT policy's reference is itself with its adapter off.
+A scoring reward model (method.rewards) is not counted (it is usually small).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lmforge.api.common import SIXTEEN_BIT_BASE_TYPES, TuningMethod
-from lmforge.api.kinds import TrainingJobSpec
+from lmforge.api.kinds import AlignmentJobSpec, TrainingJobSpec
 
 GIB = 1024**3
 # Of a GPU's memory, the share a run may plan to use (CUDA context, allocator fragmentation).
@@ -66,6 +70,8 @@ Regime = Literal["fp32", "autocast", "16-bit"]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "zero3-offload"]
+# AlignmentJob methods that compare the policy with a frozen reference model.
+REFERENCE_METHODS = ("dpo", "ipo", "kto", "ppo", "grpo", "rloo")
 
 
 @dataclass(frozen=True)
@@ -174,26 +180,28 @@ class MemoryEstimate:
     optimizer: float
     activations: float  # per process, for one micro-batch
     layer_weights: float  # one decoder layer: what FSDP/ZeRO-3 gather at a time
+    reference: float = 0.0  # a frozen reference model beside the policy (AlignmentJobs)
 
     def per_gpu(self, strategy: Strategy, world_size: int) -> float:
         """Peak bytes on one GPU under `strategy` with `world_size` processes."""
         n = max(world_size, 1)
         states = self.gradients + self.optimizer
         if strategy == "ddp":
-            return self.weights + states + self.activations
+            return self.weights + self.reference + states + self.activations
         if strategy == "zero2":
-            return self.weights + states / n + self.activations
+            return self.weights + self.reference + states / n + self.activations
         gathered = 2 * self.layer_weights  # the current layer plus the prefetched next one
         if strategy in ("fsdp", "zero3"):
-            return (self.weights + states) / n + gathered + self.activations
+            return (self.weights + self.reference + states) / n + gathered + self.activations
         # zero3-offload: parameters, gradients and optimizer states live in host memory;
         # the GPU holds the layers being computed and the activations.
         return gathered + self.activations
 
     def describe(self) -> str:
+        reference = f"reference {_gib(self.reference)}, " if self.reference else ""
         return (
             f"{_count(self.parameters)} parameters ({_count(self.trainable)} trainable): "
-            f"weights {_gib(self.weights)}, gradients {_gib(self.gradients)}, "
+            f"weights {_gib(self.weights)}, {reference}gradients {_gib(self.gradients)}, "
             f"optimizer {_gib(self.optimizer)}, activations {_gib(self.activations)} per process"
         )
 
@@ -290,7 +298,19 @@ def estimate_memory(shape: ModelShape, spec: TrainingJobSpec) -> MemoryEstimate:
         optimizer=trainable * OPTIMIZER_BYTES[training.optimizer],
         activations=float(layers + outside_layers),
         layer_weights=layer_bytes,
+        reference=float(total * compute) if holds_reference(spec) else 0.0,
     )
+
+
+def holds_reference(spec: TrainingJobSpec) -> bool:
+    """Whether the run keeps a second, frozen model beside the policy to measure how far the
+    policy moved: the methods with a KL or log-ratio term, unless the policy is an adapter
+    over the start model (switched off, it is the reference) and no other model is named."""
+    if not isinstance(spec, AlignmentJobSpec) or spec.method.type not in REFERENCE_METHODS:
+        return False
+    if spec.method.type in ("grpo", "rloo") and spec.method.beta == 0:
+        return False  # no KL term, no reference
+    return spec.method.reference_model is not None or spec.tuning.type in ("full", "lisa")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from lmforge.trainer.launch import resolve_auto_strategy
 
-from lmforge.api.kinds import FinetuneJobSpec
+from lmforge.api.kinds import AlignmentJobSpec, FinetuneJobSpec
 from lmforge.api.memory import (
     GIB,
     ModelShape,
@@ -125,6 +125,51 @@ def test_sharding_divides_the_states_by_the_world_size() -> None:
     assert offload < fsdp < zero2 < ddp
     states = estimate.weights + estimate.gradients + estimate.optimizer
     assert ddp - fsdp == pytest.approx(states * 7 / 8 - 2 * estimate.layer_weights)
+
+
+def _alignment(method: dict[str, Any], **changes: Any) -> AlignmentJobSpec:
+    obj = copy.deepcopy(BASE["AlignmentJob"])
+    obj["spec"].update(method=method, **changes)
+    spec = parse_object(obj).spec
+    assert isinstance(spec, AlignmentJobSpec)
+    return spec
+
+
+def test_a_frozen_reference_is_counted_in_the_compute_dtype_and_sharded() -> None:
+    shape = ModelShape.from_config(LLAMA3_8B)
+    bf16 = {"precision": "bf16"}
+    sft = estimate_memory(shape, _spec(method={"type": "full"}, training=bf16))
+    dpo = estimate_memory(
+        shape, _alignment({"type": "dpo", "peft": {"type": "full"}}, training=bf16)
+    )
+    assert dpo.reference == 2 * shape.parameters  # a bf16 copy of the start model
+    assert dpo.per_gpu("ddp", 8) - sft.per_gpu("ddp", 8) == pytest.approx(dpo.reference)
+    # TRL prepares the reference as the policy: sharded under FSDP, offloaded with ZeRO-3's.
+    assert dpo.per_gpu("fsdp", 8) - sft.per_gpu("fsdp", 8) == pytest.approx(dpo.reference / 8)
+    assert dpo.per_gpu("zero3-offload", 8) == pytest.approx(sft.per_gpu("zero3-offload", 8))
+    fp32 = {"precision": "fp32"}
+    ipo = estimate_memory(
+        shape, _alignment({"type": "ipo", "peft": {"type": "full"}}, training=fp32)
+    )
+    assert ipo.reference == 4 * shape.parameters
+    # An adapter switched off is the reference; another model named as one is loaded.
+    assert (
+        estimate_memory(shape, _alignment({"type": "dpo", "peft": {"type": "lora"}})).reference == 0
+    )
+    named = {"type": "dpo", "peft": {"type": "lora"}, "referenceModel": {"source": "hf://org/ref"}}
+    assert estimate_memory(shape, _alignment(named)).reference == 2 * shape.parameters
+    # Methods without a KL or log-ratio term hold none, nor GRPO with beta 0.
+    simpo = _alignment({"type": "simpo", "peft": {"type": "full"}})
+    assert estimate_memory(shape, simpo).reference == 0
+    online = {
+        "dataset": {"sources": [{"uri": "data/prompts.jsonl", "format": "prompt"}]},
+        "training": bf16,
+    }
+    rewards = [{"name": "exact", "rule": {"type": "exact-match", "column": "answer"}}]
+    for beta, held in ((0.0, 0), (None, 2 * shape.parameters)):  # None: GRPO's default 0.04
+        grpo = {"type": "grpo", "peft": {"type": "full"}, "rewards": rewards, "beta": beta}
+        assert estimate_memory(shape, _alignment(grpo, **online)).reference == held
+    assert "reference 15.0 GiB" in dpo.describe()
 
 
 def test_auto_keeps_ddp_when_a_replica_fits() -> None:
